@@ -1,0 +1,218 @@
+"""A dynamic batcher: one queue shared by every client, one model call per batch.
+
+The contract is Triton's dynamic batcher, in the same three knobs:
+
+* ``max_batch_size`` — the most items one model call takes;
+* ``preferred_batch_size`` — a batch of this size goes as soon as it can be formed (on CPUs a
+  small batch is often the fastest per item, on GPUs the largest);
+* ``max_queue_delay`` — otherwise a batch goes when its oldest item has waited this long.
+
+There is no polling: the collector sleeps until an item arrives or the oldest item's deadline
+passes. The model runs on one dedicated thread, so the event loop never blocks on it.
+
+Cancellation is structural: a caller awaits :meth:`DynamicBatcher.submit`; cancelling that
+task cancels the item's future, and the collector skips items whose future is already done.
+So a request whose socket closed never reaches the model, and a result that arrives for a
+cancelled item is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+I = TypeVar("I")  # noqa: E741 - the conventional name for an input type
+O = TypeVar("O")
+
+
+class QueueFull(Exception):
+    """The batcher's bounded queue is full; the caller should answer ``overloaded``."""
+
+
+class BatchFailed(Exception):
+    """The model raised on the batch this item was part of."""
+
+
+class BatcherStopped(Exception):
+    """The batcher was stopped before this item ran."""
+
+
+@dataclass(slots=True)
+class Batched(Generic[O]):
+    """One item's result, with how it was batched."""
+
+    output: O
+    queue_s: float  # submit → batch start
+    batch_size: int
+
+
+@dataclass(slots=True, eq=False)
+class _Entry(Generic[I, O]):
+    item: I
+    future: asyncio.Future[Batched[O]]
+    enqueued: float  # time.monotonic()
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """Reported to ``on_batch`` after each model call, for metrics."""
+
+    size: int
+    queue_s: list[float]
+    run_s: float
+    failed: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class DynamicBatcher(Generic[I, O]):
+    """Collects items from many callers into batches for ``run_batch``.
+
+    ``run_batch`` takes a list of items and returns one output per item, in order. It runs on
+    the batcher's own thread and may raise: the items of that batch then fail with
+    :class:`BatchFailed` and the batcher goes on with the next batch.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[I]], Sequence[O]],
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        preferred_batch_size: int | None = None,
+        max_queue_size: int = 10_000,
+        name: str = "batcher",
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be ≥ 1")
+        if preferred_batch_size is not None and not 1 <= preferred_batch_size <= max_batch_size:
+            raise ValueError("preferred_batch_size must be in 1..max_batch_size")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.preferred_batch_size = preferred_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.name = name
+        self.on_batch = on_batch
+        self._queue: deque[_Entry[I, O]] = deque()
+        self._arrived = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ragws-{self.name}")
+        self._task = asyncio.get_running_loop().create_task(self._collect(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while self._queue:
+            entry = self._queue.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(BatcherStopped(f"{self.name} stopped"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def queue_depth(self) -> int:
+        """Items waiting (cancelled ones included until the collector drops them)."""
+        return len(self._queue)
+
+    # --- callers --------------------------------------------------------------------------
+
+    async def submit(self, item: I) -> Batched[O]:
+        """Queue ``item`` and wait for its result. Cancel the caller to withdraw it."""
+        if self._task is None:
+            raise BatcherStopped(f"{self.name} is not running")
+        if len(self._queue) >= self.max_queue_size:
+            raise QueueFull(f"{self.name} queue is full ({self.max_queue_size} items)")
+        future: asyncio.Future[Batched[O]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Entry(item, future, time.monotonic()))
+        self._arrived.set()
+        return await future
+
+    # --- the collector --------------------------------------------------------------------
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            started = time.monotonic()
+            try:
+                outputs = await loop.run_in_executor(
+                    self._executor, self.run_batch, [e.item for e in batch]
+                )
+                if len(outputs) != len(batch):
+                    raise RuntimeError(f"model returned {len(outputs)} results for {len(batch)}")
+            except Exception as exc:
+                log.exception("%s: batch of %d failed", self.name, len(batch))
+                error = BatchFailed(f"{type(exc).__name__}: {exc}")
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(error)
+                self._report(batch, started, failed=True)
+                continue
+            for entry, output in zip(batch, outputs):
+                if not entry.future.done():  # cancelled while running: drop the result
+                    entry.future.set_result(
+                        Batched(output, started - entry.enqueued, len(batch))
+                    )
+            self._report(batch, started, failed=False)
+
+    async def _next_batch(self) -> list[_Entry[I, O]]:
+        """Wait until a batch is due, then take it off the queue."""
+        target = self.preferred_batch_size or self.max_batch_size
+        while True:
+            self._drop_withdrawn()
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            live = sum(1 for e in self._queue if not e.future.done())
+            wait_s = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
+            if live >= target or wait_s <= 0:
+                # A full (preferred) batch goes at once; a partial one only at the deadline.
+                return self._take(min(live, target))
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), wait_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def _drop_withdrawn(self) -> None:
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
+
+    def _take(self, n: int) -> list[_Entry[I, O]]:
+        batch: list[_Entry[I, O]] = []
+        while self._queue and len(batch) < n:
+            entry = self._queue.popleft()
+            if not entry.future.done():
+                batch.append(entry)
+        return batch
+
+    def _report(self, batch: list[_Entry[I, O]], started: float, *, failed: bool) -> None:
+        if self.on_batch is None:
+            return
+        stats = BatchStats(
+            size=len(batch),
+            queue_s=[started - e.enqueued for e in batch],
+            run_s=time.monotonic() - started,
+            failed=failed,
+        )
+        try:
+            self.on_batch(stats)
+        except Exception:  # metrics must never take the batcher down
+            log.exception("%s: on_batch hook failed", self.name)

@@ -1,0 +1,243 @@
+"""Server settings: one dataclass, filled from defaults < config.toml < RAGWS_* env < CLI flags.
+
+Every setting is a field of :class:`Settings`; its CLI flag (``--max-concurrent``), environment
+variable (``RAGWS_MAX_CONCURRENT``) and config.toml key (``max_concurrent``) are derived from the
+field name, so the three can never drift apart. Validation lives in ``__post_init__`` and every
+message names the setting it rejects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "RAGWS_"
+DEFAULT_CONFIG = Path("config.toml")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEVICES = ("auto", "cpu", "cuda")
+LAYOUT_MODELS = ("embedded", "doclayout-yolo")
+OCR_MODELS = ("none",)
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message names the setting."""
+
+
+def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``ragws serve`` can be told. Field order is the order of ``--help``."""
+
+    host: str = _setting("127.0.0.1", "address to bind; keep loopback unless fronted by a proxy")
+    port: int = _setting(7088, "TCP port to listen on")
+    log_level: str = _setting("info", "log verbosity", choices=LOG_LEVELS)
+    device: str = _setting("auto", "where models run; auto = cuda when available", choices=DEVICES)
+    layout_model: str = _setting(
+        "embedded",
+        "layout backend: embedded (PP-PicoDet CDLA, ONNX, offline), doclayout-yolo (weights from "
+        "the Hugging Face hub), or a local path to a .onnx (PicoDet-style) or .pt (DocLayout-YOLO)",
+    )
+    ocr_model: str = _setting("none", "OCR backend; none disables OCR")
+    max_concurrent: int = _setting(
+        100, "global cap on in-flight requests; beyond it requests are rejected at once"
+    )
+    layout_batch_size: int = _setting(16, "largest layout batch (pages per model call)")
+    layout_preferred_batch_size: str = _setting(
+        "auto",
+        "batch size the layout batcher prefers to send at once; auto = measured at start-up "
+        "(on CPU small batches are often faster per page), an integer = that size",
+    )
+    max_wait_ms: float = _setting(
+        10.0, "batch window: the longest the oldest queued page waits for a fuller batch"
+    )
+    max_pages: int = _setting(300, "most pages taken from one PDF")
+    max_pdf_bytes: int = _setting(64 * 1024 * 1024, "largest PDF accepted, in bytes")
+    max_frame_bytes: int = _setting(
+        96 * 1024 * 1024, "largest WebSocket frame; a bigger one closes the socket with 1009"
+    )
+    max_image_pixels: int = _setting(
+        40_000_000, "largest image (width × height) decoded or rendered; checked before decoding"
+    )
+    max_render_scale: float = _setting(4.0, "largest PDF render scale a request may ask for")
+    preprocess_threads: int = _setting(
+        0, "threads that decode and preprocess pages; 0 = one per CPU core"
+    )
+    inference_threads: int = _setting(
+        0, "threads the CPU layout model may use per call; 0 = the runtime's default"
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name}={value!r}: must be one of {', '.join(choices)}")
+        _require(0 <= self.port <= 65535, "port", self.port, "must be 0..65535")
+        _require(self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, "must be ≥ 1")
+        _require(
+            1 <= self.layout_batch_size <= 256,
+            "layout_batch_size",
+            self.layout_batch_size,
+            "must be 1..256",
+        )
+        pref = self.layout_preferred_batch_size
+        if pref != "auto":
+            ok = pref.isdigit() and 1 <= int(pref) <= self.layout_batch_size
+            _require(ok, "layout_preferred_batch_size", pref, "must be auto or 1..layout_batch_size")
+        _require(0 <= self.max_wait_ms <= 10_000, "max_wait_ms", self.max_wait_ms, "must be 0..10000")
+        _require(self.max_pages >= 1, "max_pages", self.max_pages, "must be ≥ 1")
+        _require(self.max_pdf_bytes >= 1024, "max_pdf_bytes", self.max_pdf_bytes, "must be ≥ 1024")
+        _require(
+            self.max_frame_bytes >= 1024, "max_frame_bytes", self.max_frame_bytes, "must be ≥ 1024"
+        )
+        _require(
+            self.max_image_pixels >= 64 * 64,
+            "max_image_pixels",
+            self.max_image_pixels,
+            "must be ≥ 4096",
+        )
+        _require(
+            0 < self.max_render_scale <= 10,
+            "max_render_scale",
+            self.max_render_scale,
+            "must be in (0, 10]",
+        )
+        _require(self.preprocess_threads >= 0, "preprocess_threads", self.preprocess_threads, "≥ 0")
+        _require(self.inference_threads >= 0, "inference_threads", self.inference_threads, "≥ 0")
+        if self.layout_model not in LAYOUT_MODELS:
+            path = Path(self.layout_model)
+            _require(
+                path.suffix in (".onnx", ".pt"),
+                "layout_model",
+                self.layout_model,
+                f"must be one of {', '.join(LAYOUT_MODELS)} or a path to a .onnx or .pt file",
+            )
+            _require(path.is_file(), "layout_model", self.layout_model, "no such file")
+        _require(
+            self.ocr_model in OCR_MODELS,
+            "ocr_model",
+            self.ocr_model,
+            f"must be one of {', '.join(OCR_MODELS)}",
+        )
+
+    @property
+    def preferred_batch_size(self) -> int | None:
+        """The configured preferred layout batch size, or None when it is to be measured."""
+        pref = self.layout_preferred_batch_size
+        return None if pref == "auto" else int(pref)
+
+    def public_limits(self) -> dict[str, int | float]:
+        """The limits a client needs to know, as sent in the ``hello`` frame."""
+        return {
+            "max_concurrent": self.max_concurrent,
+            "max_pages": self.max_pages,
+            "max_pdf_bytes": self.max_pdf_bytes,
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_image_pixels": self.max_image_pixels,
+            "max_render_scale": self.max_render_scale,
+            "layout_batch_size": self.layout_batch_size,
+        }
+
+
+def _require(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def setting_fields() -> tuple[dataclasses.Field[Any], ...]:
+    return fields(Settings)
+
+
+def _coerce(name: str, kind: type, raw: Any, source: str) -> Any:
+    """Turn a value from toml, env or argv into the field's type, naming the setting on failure."""
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError(raw)
+        if kind is int and isinstance(raw, bool):
+            raise ValueError(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{name}={raw!r} (from {source}): expected {kind.__name__}"
+        ) from None
+
+
+_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _field_types() -> dict[str, type]:
+    # `from __future__ import annotations` leaves annotations as strings.
+    return {f.name: _TYPES[str(f.type)] for f in fields(Settings)}
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None,
+    *,
+    config_path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge the four layers and validate.
+
+    ``cli`` holds only the flags the user gave (None values are ignored). ``config_path`` None
+    means ./config.toml when it exists; an explicit path that does not exist is an error.
+    """
+    environ = os.environ if environ is None else environ
+    types = _field_types()
+    merged: dict[str, Any] = {}
+
+    if config_path is None and DEFAULT_CONFIG.is_file():
+        config_path = DEFAULT_CONFIG
+    if config_path is not None:
+        path = Path(config_path)
+        try:
+            with path.open("rb") as fh:
+                table = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config={str(path)!r}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config={str(path)!r}: not valid TOML: {exc}") from None
+        for key, raw in table.items():
+            if key not in types:
+                raise ConfigError(f"{key} (in {path}): unknown setting")
+            merged[key] = _coerce(key, types[key], raw, str(path))
+
+    for name, kind in types.items():
+        if (raw := environ.get(env_name(name))) is not None:
+            merged[name] = _coerce(name, kind, raw, env_name(name))
+
+    for name, raw in (cli or {}).items():
+        if raw is not None:
+            merged[name] = _coerce(name, types[name], raw, flag_name(name))
+
+    return Settings(**merged)

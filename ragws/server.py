@@ -1,0 +1,289 @@
+"""The aiohttp application: routes, thin handlers, start-up and clean-up.
+
+Handlers parse, check admission, hand off to a service and shape the answer. They never touch
+model frameworks; everything slow runs on the services' threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__, protocol
+from .admission import Admission
+from .config import Settings
+from .layout import LayoutService, PageLayout
+from .metrics import CONTENT_TYPE, Metrics
+from .models import LayoutModel, load_layout_model
+from .protocol import ErrorCode, RequestError
+from .session import Services, Session
+
+log = logging.getLogger(__name__)
+
+SERVICES = web.AppKey("services", Services)
+HTTP_STATUS = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.OVERLOADED: 429,
+    ErrorCode.UNSUPPORTED: 501,
+    ErrorCode.INTERNAL: 500,
+}
+RETRY_AFTER_S = "1"
+WS_HEARTBEAT_S = 30.0
+
+
+def static_dir() -> Path | None:
+    """The viewer's files: beside the package in a checkout, under share/ when installed."""
+    for candidate in (
+        Path(__file__).resolve().parent.parent / "static",
+        Path(sys.prefix) / "share" / "ragws" / "static",
+    ):
+        if (candidate / "index.html").is_file():
+            return candidate
+    return None
+
+
+def create_app(settings: Settings, *, layout_model: LayoutModel | None = None) -> web.Application:
+    """Build the application. ``layout_model`` lets an embedding program share a loaded model."""
+    app = web.Application(client_max_size=settings.max_pdf_bytes + 1024 * 1024)
+    app.cleanup_ctx.append(_services_ctx(settings, layout_model))
+    app.router.add_routes(
+        [
+            web.get("/ws", ws_handler),
+            web.get("/health", health),
+            web.get("/metrics", metrics),
+            web.post("/doc_layout", doc_layout),
+        ]
+    )
+    if (static := static_dir()) is not None:
+        index = static / "index.html"
+        app.router.add_get("/", lambda _request: web.FileResponse(index))
+        app.router.add_static("/static/", static)
+    return app
+
+
+def _services_ctx(
+    settings: Settings, layout_model: LayoutModel | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        model = layout_model or await loop.run_in_executor(
+            None,
+            load_layout_model,
+            settings.layout_model,
+            settings.device,
+            settings.inference_threads,
+        )
+        metrics = Metrics()
+        layout = LayoutService(model, settings, metrics)
+        await layout.start()
+        app[SERVICES] = Services(
+            settings=settings,
+            metrics=metrics,
+            admission=Admission(
+                settings.max_concurrent, metrics.inflight_requests, metrics.rejected_total
+            ),
+            layout=layout,
+            hello=protocol.hello_frame(
+                {"layout": model.name, "ocr": None}, settings.public_limits()
+            ),
+            limits=protocol.Limits(max_render_scale=settings.max_render_scale),
+        )
+        try:
+            yield
+        finally:
+            await layout.stop()
+
+    return ctx
+
+
+# --- WebSocket ------------------------------------------------------------------------------
+
+
+async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+    services = request.app[SERVICES]
+    ws = web.WebSocketResponse(
+        max_msg_size=services.settings.max_frame_bytes,
+        heartbeat=WS_HEARTBEAT_S,
+        compress=False,  # page images do not compress; deflating them only costs CPU
+    )
+    await ws.prepare(request)
+    await Session(ws, services, peer=_peer(request)).run()
+    return ws
+
+
+def _peer(request: web.Request) -> str:
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    return f"{peername[0]}:{peername[1]}" if peername else "unknown"
+
+
+# --- HTTP -----------------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    model = services.layout.model
+    return web.json_response(
+        {
+            "status": "ok",
+            "version": __version__,
+            "models": services.hello["models"],
+            "device": model.device,
+            "inflight": services.admission.inflight,
+            "max_concurrent": services.admission.max_concurrent,
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICES].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _error_response(exc: RequestError) -> web.Response:
+    headers = {"Retry-After": RETRY_AFTER_S} if exc.code is ErrorCode.OVERLOADED else None
+    return web.json_response(
+        {"error": exc.code.value, "message": exc.message},
+        status=HTTP_STATUS[exc.code],
+        headers=headers,
+    )
+
+
+async def _admitted(
+    request: web.Request, kind: str, serve: Callable[[], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Run an HTTP request under admission control, with the same outcomes as a WS request."""
+    services = request.app[SERVICES]
+    if not services.admission.try_acquire():
+        services.metrics.requests_total.labels(kind, "overloaded").inc()
+        return _error_response(
+            RequestError(ErrorCode.OVERLOADED, services.admission.overloaded_message())
+        )
+    outcome = "ok"
+    try:
+        return await serve()
+    except RequestError as exc:
+        outcome = exc.code.value
+        return _error_response(exc)
+    except asyncio.CancelledError:  # the client went away; the work is withdrawn
+        outcome = "cancelled"
+        raise
+    finally:
+        services.admission.release()
+        services.metrics.requests_total.labels(kind, outcome).inc()
+
+
+async def _form_fields(request: web.Request) -> dict[str, Any]:
+    if not request.content_type.startswith("multipart/"):
+        raise protocol.bad_request("send multipart/form-data")
+    try:
+        return dict(await request.post())
+    except web.HTTPRequestEntityTooLarge:
+        raise protocol.too_large(
+            f"body is larger than {request.app[SERVICES].settings.max_pdf_bytes} bytes"
+        ) from None
+    except ValueError as exc:
+        raise protocol.bad_request(f"malformed multipart body: {exc}") from None
+
+
+def _form_float(form: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    raw = form.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise protocol.bad_request(f"field {name!r} must be a number, got {raw!r}") from None
+    if not low < value <= high:
+        raise protocol.bad_request(f"field {name!r} must be in ({low}, {high}], got {value}")
+    return value
+
+
+async def doc_layout(request: web.Request) -> web.StreamResponse:
+    """Seed-compatible ``POST /doc_layout``: a PDF in, every page's layout and image out."""
+
+    async def serve() -> web.StreamResponse:
+        services = request.app[SERVICES]
+        form = await _form_fields(request)
+        upload = form.get("file")
+        if upload is None or not hasattr(upload, "file"):
+            raise protocol.bad_request("missing file field 'file'")
+        data = upload.file.read()
+        max_scale = services.settings.max_render_scale
+        iou = _form_float(form, "iou_threshold", 0.45, 0.0, 1.0)
+        scale_x = _form_float(form, "ratio_x", 2.0, 0.0, max_scale)
+        scale_y = _form_float(form, "ratio_y", 2.0, 0.0, max_scale)
+        started = time.monotonic()
+        layout = services.layout
+        plan = await layout.open_pdf(data, None)
+        try:
+            pages = [
+                page
+                async for page in layout.detect_pdf(
+                    plan, scale=(scale_x, scale_y), iou=iou, images=True
+                )
+            ]
+        finally:
+            await layout.close_pdf(plan)
+        elapsed = time.monotonic() - started
+        pages.sort(key=lambda p: p.page or 0)
+        return web.json_response(
+            {
+                "result": [_seed_page(p) for p in pages],
+                "stats": {
+                    "total_page": len(pages),
+                    "time_taken": elapsed,
+                    "page_per_second": len(pages) / max(elapsed, 1e-9),
+                },
+            }
+        )
+
+    return await _admitted(request, "doc_layout", serve)
+
+
+def _seed_page(page: PageLayout) -> dict[str, Any]:
+    """One page in the seed's shape: regions sorted top-down, integer pixel corners."""
+    det = page.detections
+    order = sorted(range(len(det)), key=lambda i: (float(det.boxes[i][1]), float(det.boxes[i][0])))
+    return {
+        "classes": [det.labels[i] for i in order],
+        "coordinates": [
+            dict(zip(("x_min", "y_min", "x_max", "y_max"), (int(v) for v in det.boxes[i])))
+            for i in order
+        ],
+        "scores": [round(float(det.scores[i]), 4) for i in order],
+        "img": base64.b64encode(page.jpeg or b"").decode("ascii"),
+    }
+
+
+async def serve_forever(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM, then clean up (used by ``ragws serve``)."""
+    runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None)
+    await runner.setup()  # loads the models; a bad model fails here, before binding
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    log.info(
+        "ragws %s listening on http://%s:%d (WebSocket at /ws)",
+        __version__,
+        settings.host,
+        settings.port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()

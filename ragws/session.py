@@ -1,0 +1,229 @@
+"""One WebSocket connection: many requests in flight, multiplexed by ``id``.
+
+Each admitted request runs as its own task. ``cancel`` cancels that task and the socket closing
+cancels all of them; cancellation propagates into whatever the task awaits (a batcher future,
+a render), so withdrawn work never reaches the model. Frames go out through one lock, so frames
+of different requests interleave but never tear, and a slow reader slows only its own streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from . import protocol
+from .admission import Admission
+from .config import Settings
+from .layout import LayoutService, PageLayout
+from .metrics import Metrics
+from .protocol import (
+    CancelRequest,
+    ErrorCode,
+    LayoutRequest,
+    PdfRequest,
+    Request,
+    RequestError,
+    RequestId,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Services:
+    """What a session needs from the application; built once at start-up."""
+
+    settings: Settings
+    metrics: Metrics
+    admission: Admission
+    layout: LayoutService
+    hello: dict[str, Any]
+    limits: protocol.Limits
+
+
+class Session:
+    def __init__(self, ws: web.WebSocketResponse, services: Services, peer: str) -> None:
+        self.ws = ws
+        self.services = services
+        self.peer = peer
+        self.inflight: dict[RequestId, asyncio.Task[None]] = {}
+        self._send_lock = asyncio.Lock()
+        self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
+            LayoutRequest: self._layout,
+            PdfRequest: self._pdf,
+        }
+
+    async def run(self) -> None:
+        """Serve the socket until it closes, then cancel whatever is still in flight."""
+        metrics = self.services.metrics
+        metrics.websocket_connections.inc()
+        try:
+            await self.send(self.services.hello)
+            async for message in self.ws:
+                if message.type == WSMsgType.BINARY:
+                    await self._on_frame(message.data)
+                elif message.type == WSMsgType.TEXT:
+                    await self.send_error(
+                        None,
+                        RequestError(
+                            ErrorCode.BAD_REQUEST,
+                            "text frames are not accepted: send one msgpack map per binary frame",
+                        ),
+                    )
+                elif message.type == WSMsgType.ERROR:
+                    log.info("socket %s: %s", self.peer, self.ws.exception())
+                    break
+        finally:
+            metrics.websocket_connections.dec()
+            tasks = list(self.inflight.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- inbound --------------------------------------------------------------------------
+
+    async def _on_frame(self, data: bytes) -> None:
+        frame: Any = None
+        try:
+            frame = protocol.decode_frame(data)
+            request = protocol.parse_request(frame, self.services.limits)
+        except RequestError as exc:
+            if exc.request_id is None:
+                exc.request_id = protocol.peek_id(frame)
+            await self.send_error(exc.request_id, exc)
+            return
+        if isinstance(request, CancelRequest):
+            await self._cancel(request.id)
+            return
+        if request.id in self.inflight:
+            await self.send_error(
+                request.id,
+                RequestError(ErrorCode.BAD_REQUEST, f"id {request.id!r} is already in flight"),
+            )
+            return
+        kind = _type_name(request)
+        admission = self.services.admission
+        if not admission.try_acquire():
+            self.services.metrics.requests_total.labels(kind, "overloaded").inc()
+            await self.send_error(
+                request.id, RequestError(ErrorCode.OVERLOADED, admission.overloaded_message())
+            )
+            return
+        task = asyncio.create_task(self._serve(request, kind), name=f"{self.peer}:{request.id}")
+        self.inflight[request.id] = task
+
+    async def _cancel(self, request_id: RequestId) -> None:
+        task = self.inflight.get(request_id)
+        if task is None:
+            await self.send_error(
+                request_id,
+                RequestError(ErrorCode.BAD_REQUEST, f"no request with id {request_id!r} is in flight"),
+            )
+            return
+        task.cancel()
+
+    async def _serve(self, request: Request, kind: str) -> None:
+        started = time.monotonic()
+        outcome = "ok"
+        try:
+            await self._handlers[type(request)](request)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            if not self.ws.closed:  # a client's cancel: tell it the request is over
+                await self.send(protocol.done_frame(request.id, "cancelled"))
+        except RequestError as exc:
+            outcome = exc.code.value
+            await self.send_error(request.id, exc)
+        except Exception as exc:
+            outcome = "internal"
+            log.exception("request %s on %s failed", request.id, self.peer)
+            await self.send_error(
+                request.id, RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            )
+        finally:
+            self.inflight.pop(request.id, None)
+            self.services.admission.release()
+            self.services.metrics.requests_total.labels(kind, outcome).inc()
+            log.debug(
+                "request %s %s on %s: %s in %.1f ms",
+                kind,
+                request.id,
+                self.peer,
+                outcome,
+                (time.monotonic() - started) * 1000,
+            )
+
+    # --- request types --------------------------------------------------------------------
+
+    async def _layout(self, request: LayoutRequest) -> None:
+        result = await self.services.layout.detect_image(request.image, request.conf, request.iou)
+        frame = {"type": "layout", "id": request.id, **layout_fields(result)}
+        frame["timing"] = {"queue_ms": round(result.queue_ms, 3), "total_ms": round(result.total_ms, 3)}
+        await self.send(frame)
+
+    async def _pdf(self, request: PdfRequest) -> None:
+        started = time.monotonic()
+        layout = self.services.layout
+        plan = await layout.open_pdf(request.pdf, request.pages)
+        pages = layout.detect_pdf(
+            plan, scale=request.scale, conf=request.conf, iou=request.iou, images=request.images
+        )
+        try:
+            async for page in pages:
+                frame = {"type": "page", "id": request.id, "page": page.page, **layout_fields(page)}
+                if page.jpeg is not None:
+                    frame["image"] = page.jpeg
+                await self.send(frame)
+        finally:
+            await pages.aclose()
+            await layout.close_pdf(plan)
+        elapsed = time.monotonic() - started
+        await self.send(
+            protocol.done_frame(
+                request.id,
+                "stop",
+                pages=len(plan.pages),
+                page_count=plan.doc.page_count,
+                timing={
+                    "total_ms": round(elapsed * 1000, 3),
+                    "pages_per_s": round(len(plan.pages) / max(elapsed, 1e-9), 3),
+                },
+            )
+        )
+
+    # --- outbound -------------------------------------------------------------------------
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        data = protocol.encode(frame)
+        async with self._send_lock:
+            if self.ws.closed:
+                return
+            try:
+                await self.ws.send_bytes(data)
+            except ConnectionError:  # peer went away mid-write; run() cleans up
+                pass
+
+    async def send_error(self, request_id: RequestId | None, exc: RequestError) -> None:
+        await self.send(protocol.error_frame(request_id, exc.code, exc.message))
+
+
+def layout_fields(page: PageLayout) -> dict[str, Any]:
+    """The result fields shared by ``layout`` and ``page`` frames."""
+    det = page.detections
+    return {
+        "width": page.width,
+        "height": page.height,
+        "boxes": [[round(float(v), 2) for v in box] for box in det.boxes],
+        "classes": list(det.labels),
+        "scores": [round(float(s), 4) for s in det.scores],
+    }
+
+
+def _type_name(request: Request) -> str:
+    return {LayoutRequest: "layout", PdfRequest: "pdf"}[type(request)]

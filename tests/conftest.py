@@ -1,0 +1,138 @@
+"""Shared fixtures: the real fixture documents, one loaded layout model, servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import numpy as np
+import pymupdf
+import pytest
+from aiohttp import web
+
+from ragws.config import Settings
+from ragws.server import create_app
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+PAPER = FIXTURES / "2310.01889v4.pdf"
+
+
+@pytest.fixture(scope="session")
+def paper_pdf() -> bytes:
+    if not PAPER.is_file():
+        pytest.skip(f"fixture document missing: {PAPER} (the shared/fixtures folder beside the repo)")
+    return PAPER.read_bytes()
+
+
+def render_png(pdf: bytes, page: int, scale: float = 1.0) -> bytes:
+    with pymupdf.open(stream=pdf, filetype="pdf") as doc:
+        return doc[page].get_pixmap(matrix=pymupdf.Matrix(scale, scale)).tobytes("png")
+
+
+def render_rgb(pdf: bytes, page: int, scale: float = 1.0) -> np.ndarray:
+    with pymupdf.open(stream=pdf, filetype="pdf") as doc:
+        pix = doc[page].get_pixmap(matrix=pymupdf.Matrix(scale, scale), alpha=False)
+        return np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.width, 3).copy()
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    from ragws.models.layout_onnx import OnnxLayoutModel
+
+    return OnnxLayoutModel()
+
+
+@dataclasses.dataclass
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    app: web.Application
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://") + "/ws"
+
+    async def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Read one sample from /metrics over HTTP, as an operator's scraper would."""
+        async with aiohttp.ClientSession() as http, http.get(self.url + "/metrics") as resp:
+            text = await resp.text()
+        want = ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items()))
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            metric, _, rest = key.partition("{")
+            got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+            if metric == name and got == want:
+                return float(value)
+        return 0.0
+
+
+ServerFactory = Callable[..., "asyncio.Future[Server]"]
+
+
+@pytest.fixture
+async def start_server(embedded_model) -> AsyncIterator[Callable[..., Any]]:
+    """Start ragws on a free loopback port; settings override the test defaults."""
+    runners: list[web.AppRunner] = []
+
+    async def start(model: Any = None, **overrides: Any) -> Server:
+        base = {"port": 0, "layout_preferred_batch_size": "1", "max_wait_ms": 5.0}
+        settings = Settings(**{**base, **overrides})
+        app = create_app(settings, layout_model=model or embedded_model)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return Server(f"http://127.0.0.1:{port}", app)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+class WsClient:
+    """A thin msgpack-over-WebSocket client for tests."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+
+    async def send(self, frame: Any) -> None:
+        await self.ws.send_bytes(msgpack.packb(frame, use_bin_type=True))
+
+    async def recv(self, timeout: float = 60.0) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout=timeout)
+        assert msg.type == aiohttp.WSMsgType.BINARY, f"expected a binary frame, got {msg.type}"
+        return msgpack.unpackb(msg.data, raw=False)
+
+    async def until(self, request_id: Any, *types: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Receive until a frame of one of ``types`` about ``request_id`` arrives."""
+        while True:
+            frame = await self.recv(timeout)
+            if frame.get("id") == request_id and frame["type"] in types:
+                return frame
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[..., Any]]:
+    """Open WebSockets to a server; returns (client, hello)."""
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def open_ws(server: Server, **kwargs: Any) -> tuple[WsClient, dict[str, Any]]:
+        http = aiohttp.ClientSession()
+        sessions.append(http)
+        ws = await http.ws_connect(server.ws_url, max_msg_size=0, **kwargs)
+        client = WsClient(ws)
+        hello = await client.recv()
+        assert hello["type"] == "hello"
+        return client, hello
+
+    yield open_ws
+    for http in sessions:
+        await http.close()

@@ -1,0 +1,334 @@
+"""Protocol v1 against a real server on a loopback port, with the real embedded layout model."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import zlib
+
+import aiohttp
+import msgpack
+import numpy as np
+import pymupdf
+import pytest
+from PIL import Image
+
+from .conftest import render_png, render_rgb
+
+
+async def test_hello_names_models_and_limits(start_server, connect):
+    server = await start_server(max_pages=50)
+    _, hello = await connect(server)
+    assert hello["version"] == 1
+    assert hello["models"] == {"layout": "embedded", "ocr": None}
+    assert hello["limits"]["max_pages"] == 50
+    for key in ("max_concurrent", "max_frame_bytes", "max_image_pixels", "max_pdf_bytes"):
+        assert key in hello["limits"]
+
+
+async def test_layout_of_title_page(start_server, connect, paper_pdf, embedded_model):
+    server = await start_server()
+    client, _ = await connect(server)
+    png = render_png(paper_pdf, 0, scale=2.0)
+    await client.send({"type": "layout", "id": "p1", "image": png})
+    frame = await client.until("p1", "layout", "error")
+    assert frame["type"] == "layout", frame
+    width, height = Image.open(io.BytesIO(png)).size
+    assert (frame["width"], frame["height"]) == (width, height)
+    assert "title" in frame["classes"] and frame["classes"].count("text") >= 3
+    boxes = np.array(frame["boxes"])
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all()
+    assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= height).all()
+    assert frame["scores"] == sorted(frame["scores"], reverse=True)
+    assert frame["timing"]["total_ms"] >= frame["timing"]["queue_ms"] >= 0
+
+    # The server's answer is the model's own answer on the same decoded page.
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    direct = embedded_model.predict(
+        [embedded_model.prepare(rgb, embedded_model.default_conf, embedded_model.default_iou)]
+    )[0]
+    assert frame["classes"] == direct.labels
+    np.testing.assert_allclose(boxes, direct.boxes, atol=0.01)
+
+
+async def test_pdf_pages_stream_then_done(start_server, connect, paper_pdf):
+    server = await start_server()
+    client, _ = await connect(server)
+    await client.send(
+        {"type": "pdf", "id": 7, "pdf": paper_pdf, "pages": [2, 0, 5], "scale": 1.5, "images": True}
+    )
+    pages = {}
+    while True:
+        frame = await client.recv()
+        assert frame["id"] == 7
+        if frame["type"] == "done":
+            break
+        assert frame["type"] == "page", frame
+        pages[frame["page"]] = frame
+    assert sorted(pages) == [0, 2, 5]
+    assert frame["finish_reason"] == "stop" and frame["pages"] == 3 and frame["page_count"] == 16
+    first = pages[0]
+    image = Image.open(io.BytesIO(first["image"]))
+    assert image.format == "JPEG" and image.size == (first["width"], first["height"])
+    assert abs(first["width"] - 612 * 1.5) <= 1  # US letter at scale 1.5
+    assert "title" in first["classes"]
+
+
+async def test_requests_multiplex_on_one_socket(start_server, connect, paper_pdf):
+    server = await start_server()
+    client, _ = await connect(server)
+    png = render_png(paper_pdf, 1)
+    await client.send({"type": "pdf", "id": "doc", "pdf": paper_pdf, "pages": [0, 1, 2, 3]})
+    await client.send({"type": "layout", "id": "img", "image": png})
+    seen: list[tuple[str, str]] = []
+    done = set()
+    while done != {"doc", "img"}:
+        frame = await client.recv()
+        seen.append((frame["id"], frame["type"]))
+        if frame["type"] in ("done", "layout"):
+            done.add(frame["id"])
+    assert ("img", "layout") in seen
+    assert sum(1 for s in seen if s == ("doc", "page")) == 4
+    # The single image was not held back until the whole document finished.
+    assert seen.index(("img", "layout")) < seen.index(("doc", "done"))
+
+
+def _encrypted_pdf() -> bytes:
+    doc = pymupdf.open()
+    doc.new_page().insert_text((72, 72), "secret")
+    out = io.BytesIO()
+    doc.save(out, encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="u", owner_pw="o")
+    return out.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge size, with a few bytes of pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def _big_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, format="PNG")  # compresses to a few KB
+    return out.getvalue()
+
+
+BAD_FRAMES = [
+    ("malformed msgpack", b"\xc1\x00\xff", None, "bad_request", "msgpack"),
+    ("non-map frame", msgpack.packb([1, 2, 3]), None, "bad_request", "map"),
+    ("unknown type", {"type": "dance", "id": 1}, 1, "bad_request", "unknown type"),
+    ("missing type", {"id": 2}, 2, "bad_request", "type"),
+    ("missing id", {"type": "layout", "image": b"x"}, None, "bad_request", "'id'"),
+    ("ill-typed id", {"type": "layout", "id": [1], "image": b"x"}, None, "bad_request", "'id'"),
+    ("missing image", {"type": "layout", "id": 3}, 3, "bad_request", "'image'"),
+    ("image as str", {"type": "layout", "id": 4, "image": "abc"}, 4, "bad_request", "binary"),
+    ("zero-byte image", {"type": "layout", "id": 5, "image": b""}, 5, "bad_request", "empty"),
+    ("not an image", {"type": "layout", "id": 6, "image": b"hello" * 50}, 6, "bad_request",
+     "decoded"),
+    ("bomb header", {"type": "layout", "id": 8, "image": _png_header_only(100_000, 100_000)}, 8,
+     "too_large", "pixels"),
+    ("over pixel cap", {"type": "layout", "id": 9, "image": _big_png(3000, 3000)}, 9, "too_large",
+     "limit"),
+    ("conf out of range", {"type": "layout", "id": 10, "image": b"x", "conf": 1.5}, 10,
+     "bad_request", "'conf'"),
+    ("iou ill-typed", {"type": "layout", "id": 11, "image": b"x", "iou": "high"}, 11,
+     "bad_request", "'iou'"),
+    ("zero-byte pdf", {"type": "pdf", "id": 12, "pdf": b""}, 12, "bad_request", "empty"),
+    ("corrupt pdf", {"type": "pdf", "id": 13, "pdf": b"%PDF-1.7\n garbage \x00\x01"}, 13,
+     "bad_request", "pdf"),
+    ("encrypted pdf", {"type": "pdf", "id": 14, "pdf": _encrypted_pdf()}, 14, "bad_request",
+     "encrypted"),
+    ("scale out of range", {"type": "pdf", "id": 15, "pdf": b"%PDF", "scale": 50}, 15,
+     "bad_request", "'scale'"),
+    ("negative page", {"type": "pdf", "id": 16, "pdf": b"%PDF", "pages": [-1]}, 16, "bad_request",
+     "'pages'"),
+    ("pages not a list", {"type": "pdf", "id": 17, "pdf": b"%PDF", "pages": 3}, 17, "bad_request",
+     "'pages'"),
+    ("ocr without model", {"type": "ocr", "id": 18, "image": b"x"}, 18, "unsupported", "ocr"),
+    ("cancel of unknown id", {"type": "cancel", "id": "nope"}, "nope", "bad_request", "in flight"),
+]
+
+
+@pytest.mark.parametrize(
+    ("frame", "want_id", "code", "needle"),
+    [case[1:] for case in BAD_FRAMES],
+    ids=[case[0] for case in BAD_FRAMES],
+)
+async def test_bad_input_gets_error_and_socket_keeps_serving(
+    start_server, connect, paper_pdf, frame, want_id, code, needle
+):
+    server = await start_server(max_image_pixels=4_000_000)
+    client, _ = await connect(server)
+    await client.ws.send_bytes(frame if isinstance(frame, bytes) else msgpack.packb(frame))
+    error = await client.recv()
+    assert error["type"] == "error", error
+    assert error["id"] == want_id
+    assert error["code"] == code
+    assert needle.lower() in error["message"].lower(), error["message"]
+    # The same socket serves its next request.
+    await client.send({"type": "layout", "id": "next", "image": render_png(paper_pdf, 0)})
+    assert (await client.until("next", "layout", "error"))["type"] == "layout"
+
+
+async def test_pdf_page_out_of_range_and_page_cap(start_server, connect, paper_pdf):
+    server = await start_server(max_pages=4)
+    client, _ = await connect(server)
+    await client.send({"type": "pdf", "id": "a", "pdf": paper_pdf, "pages": [16]})
+    error = await client.recv()
+    assert error["code"] == "bad_request" and "out of range" in error["message"]
+    await client.send({"type": "pdf", "id": "b", "pdf": paper_pdf})
+    error = await client.recv()
+    assert error["code"] == "too_large" and "at most 4" in error["message"]
+    await client.send({"type": "pdf", "id": "c", "pdf": paper_pdf, "pages": [0, 1, 2, 3]})
+    assert (await client.until("c", "done", "error"))["type"] == "done"
+
+
+async def test_text_frame_gets_error(start_server, connect, paper_pdf):
+    server = await start_server()
+    client, _ = await connect(server)
+    await client.ws.send_str('{"type": "layout"}')
+    error = await client.recv()
+    assert error["type"] == "error" and error["code"] == "bad_request"
+    assert "text frames" in error["message"]
+
+
+async def test_duplicate_inflight_id_is_refused(start_server, connect, paper_pdf):
+    server = await start_server()
+    client, _ = await connect(server)
+    await client.send({"type": "pdf", "id": "dup", "pdf": paper_pdf})
+    await client.send({"type": "pdf", "id": "dup", "pdf": paper_pdf})
+    error = await client.until("dup", "error")
+    assert "already in flight" in error["message"]
+    # The first request is unharmed and completes.
+    done = await client.until("dup", "done")
+    assert done["pages"] == 16
+
+
+async def test_oversize_frame_closes_socket_1009(start_server, connect):
+    server = await start_server(max_frame_bytes=64 * 1024)
+    client, _ = await connect(server)
+    await client.send({"type": "layout", "id": 1, "image": b"\0" * (128 * 1024)})
+    msg = await client.ws.receive(timeout=10)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert client.ws.close_code == 1009
+    # Other clients are unaffected.
+    other, hello = await connect(server)
+    assert hello["type"] == "hello"
+
+
+async def test_cancel_ends_request_and_stops_its_frames(start_server, connect, paper_pdf):
+    server = await start_server()
+    client, _ = await connect(server)
+    await client.send({"type": "pdf", "id": "long", "pdf": paper_pdf})
+    first = await client.until("long", "page")
+    assert first["type"] == "page"
+    await client.send({"type": "cancel", "id": "long"})
+    done = await client.until("long", "done")
+    assert done["finish_reason"] == "cancelled"
+    # Nothing more about it arrives; the socket still serves.
+    await client.send({"type": "layout", "id": "after", "image": render_png(paper_pdf, 0)})
+    while True:
+        frame = await client.recv()
+        assert frame["id"] != "long", frame
+        if frame["id"] == "after":
+            break
+    assert await server.metric("ragws_requests_total", {"type": "pdf", "outcome": "cancelled"}) == 1
+    assert await server.metric("ragws_layout_pages_total") < 16
+
+
+async def test_socket_close_drops_queued_pages(start_server, connect, paper_pdf):
+    # A long window keeps the pages queued, so closing must withdraw them before they run.
+    server = await start_server(
+        layout_batch_size=32, layout_preferred_batch_size="32", max_wait_ms=1500
+    )
+    client, _ = await connect(server)
+    await client.send({"type": "pdf", "id": 1, "pdf": paper_pdf})
+    for _ in range(50):
+        if await server.metric("ragws_layout_queue_depth") >= 8:
+            break
+        await asyncio.sleep(0.05)
+    await client.ws.close()
+    for _ in range(100):
+        if await server.metric("ragws_inflight_requests") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await server.metric("ragws_inflight_requests") == 0
+    await asyncio.sleep(1.8)  # past the window: a withdrawn page would have run by now
+    assert await server.metric("ragws_layout_pages_total") == 0
+    assert await server.metric("ragws_requests_total", {"type": "pdf", "outcome": "cancelled"}) == 1
+
+
+async def test_max_concurrent_rejects_at_once(start_server, connect, paper_pdf):
+    server = await start_server(max_concurrent=2)
+    client, _ = await connect(server)
+    for rid in ("a", "b", "c"):
+        await client.send({"type": "pdf", "id": rid, "pdf": paper_pdf})
+    error = await client.until("c", "error")
+    assert error["code"] == "overloaded"
+    for rid in ("a", "b"):
+        assert (await client.until(rid, "done"))["finish_reason"] == "stop"
+    # Capacity is back once they finish.
+    await client.send({"type": "layout", "id": "d", "image": render_png(paper_pdf, 0)})
+    assert (await client.until("d", "layout", "error"))["type"] == "layout"
+    assert await server.metric("ragws_rejected_total") == 1
+
+
+async def test_pages_batch_across_clients_and_match_single_results(
+    start_server, connect, paper_pdf, embedded_model
+):
+    pngs = [render_png(paper_pdf, page) for page in range(8)]
+    server = await start_server(
+        layout_batch_size=8, layout_preferred_batch_size="8", max_wait_ms=300
+    )
+    clients = [(await connect(server))[0] for _ in range(8)]
+
+    async def one(client, i):
+        await client.send({"type": "layout", "id": i, "image": pngs[i]})
+        return await client.until(i, "layout", "error")
+
+    frames = await asyncio.gather(*(one(c, i) for i, c in enumerate(clients)))
+    batches = await server.metric("ragws_layout_batch_size_count")
+    pages = await server.metric("ragws_layout_batch_size_sum")
+    assert pages == 8 and batches < 8, (batches, pages)  # at least one batch held > 1 page
+    for i, frame in enumerate(frames):
+        rgb = np.asarray(Image.open(io.BytesIO(pngs[i])).convert("RGB"))
+        alone = embedded_model.predict([embedded_model.prepare(rgb, 0.5, 0.5)])[0]
+        assert frame["classes"] == alone.labels, i
+        np.testing.assert_allclose(np.array(frame["boxes"]).reshape(-1, 4), alone.boxes, atol=0.01)
+
+
+class _FaultyModel:
+    """The real model, except that batches holding a page of a given width raise."""
+
+    def __init__(self, model, poison_width: int) -> None:
+        self.model = model
+        self.poison_width = poison_width
+        for attr in ("name", "classes", "device", "default_conf", "default_iou"):
+            setattr(self, attr, getattr(model, attr))
+
+    def prepare(self, image, conf, iou):
+        return self.model.prepare(image, conf, iou)
+
+    def predict(self, batch):
+        if any(item.width == self.poison_width for item in batch):
+            raise RuntimeError("injected fault")
+        return self.model.predict(batch)
+
+
+async def test_model_error_fails_only_its_batch(start_server, connect, paper_pdf, embedded_model):
+    poisoned = render_rgb(paper_pdf, 0, scale=0.5)
+    server = await start_server(model=_FaultyModel(embedded_model, poisoned.shape[1]))
+    client, _ = await connect(server)
+    await client.send({"type": "layout", "id": "bad", "image": render_png(paper_pdf, 0, 0.5)})
+    error = await client.until("bad", "error", "layout")
+    assert error["type"] == "error" and error["code"] == "internal"
+    assert "injected fault" in error["message"]
+    await client.send({"type": "layout", "id": "good", "image": render_png(paper_pdf, 0)})
+    assert (await client.until("good", "layout", "error"))["type"] == "layout"
+    assert await server.metric("ragws_layout_batch_failures_total") == 1
