@@ -184,8 +184,8 @@ async def _admitted(
 
 
 async def _form_fields(request: web.Request) -> dict[str, Any]:
-    if not request.content_type.startswith("multipart/"):
-        raise protocol.bad_request("send multipart/form-data")
+    if request.content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise protocol.bad_request("send the fields as multipart/form-data")
     try:
         return dict(await request.post())
     except web.HTTPRequestEntityTooLarge:
