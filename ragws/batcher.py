@@ -19,6 +19,7 @@ cancelled item is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -29,8 +30,8 @@ from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
-I = TypeVar("I")  # noqa: E741 - the conventional name for an input type
-O = TypeVar("O")
+In = TypeVar("In")
+Out = TypeVar("Out")
 
 
 class QueueFull(Exception):
@@ -46,18 +47,18 @@ class BatcherStopped(Exception):
 
 
 @dataclass(slots=True)
-class Batched(Generic[O]):
+class Batched(Generic[Out]):
     """One item's result, with how it was batched."""
 
-    output: O
+    output: Out
     queue_s: float  # submit → batch start
     batch_size: int
 
 
 @dataclass(slots=True, eq=False)
-class _Entry(Generic[I, O]):
-    item: I
-    future: asyncio.Future[Batched[O]]
+class _Entry(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[Batched[Out]]
     enqueued: float  # time.monotonic()
 
 
@@ -72,7 +73,7 @@ class BatchStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-class DynamicBatcher(Generic[I, O]):
+class DynamicBatcher(Generic[In, Out]):
     """Collects items from many callers into batches for ``run_batch``.
 
     ``run_batch`` takes a list of items and returns one output per item, in order. It runs on
@@ -82,7 +83,7 @@ class DynamicBatcher(Generic[I, O]):
 
     def __init__(
         self,
-        run_batch: Callable[[list[I]], Sequence[O]],
+        run_batch: Callable[[list[In]], Sequence[Out]],
         *,
         max_batch_size: int,
         max_queue_delay_s: float,
@@ -102,7 +103,7 @@ class DynamicBatcher(Generic[I, O]):
         self.max_queue_size = max_queue_size
         self.name = name
         self.on_batch = on_batch
-        self._queue: deque[_Entry[I, O]] = deque()
+        self._queue: deque[_Entry[In, Out]] = deque()
         self._arrived = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
@@ -132,13 +133,13 @@ class DynamicBatcher(Generic[I, O]):
 
     # --- callers --------------------------------------------------------------------------
 
-    async def submit(self, item: I) -> Batched[O]:
+    async def submit(self, item: In) -> Batched[Out]:
         """Queue ``item`` and wait for its result. Cancel the caller to withdraw it."""
         if self._task is None:
             raise BatcherStopped(f"{self.name} is not running")
         if len(self._queue) >= self.max_queue_size:
             raise QueueFull(f"{self.name} queue is full ({self.max_queue_size} items)")
-        future: asyncio.Future[Batched[O]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Batched[Out]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Entry(item, future, time.monotonic()))
         self._arrived.set()
         return await future
@@ -164,14 +165,12 @@ class DynamicBatcher(Generic[I, O]):
                         entry.future.set_exception(error)
                 self._report(batch, started, failed=True)
                 continue
-            for entry, output in zip(batch, outputs):
+            for entry, output in zip(batch, outputs, strict=False):
                 if not entry.future.done():  # cancelled while running: drop the result
-                    entry.future.set_result(
-                        Batched(output, started - entry.enqueued, len(batch))
-                    )
+                    entry.future.set_result(Batched(output, started - entry.enqueued, len(batch)))
             self._report(batch, started, failed=False)
 
-    async def _next_batch(self) -> list[_Entry[I, O]]:
+    async def _next_batch(self) -> list[_Entry[In, Out]]:
         """Wait until a batch is due, then take it off the queue."""
         target = self.preferred_batch_size or self.max_batch_size
         while True:
@@ -186,24 +185,22 @@ class DynamicBatcher(Generic[I, O]):
                 # A full (preferred) batch goes at once; a partial one only at the deadline.
                 return self._take(min(live, target))
             self._arrived.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), wait_s)
-            except asyncio.TimeoutError:
-                pass
 
     def _drop_withdrawn(self) -> None:
         while self._queue and self._queue[0].future.done():
             self._queue.popleft()
 
-    def _take(self, n: int) -> list[_Entry[I, O]]:
-        batch: list[_Entry[I, O]] = []
+    def _take(self, n: int) -> list[_Entry[In, Out]]:
+        batch: list[_Entry[In, Out]] = []
         while self._queue and len(batch) < n:
             entry = self._queue.popleft()
             if not entry.future.done():
                 batch.append(entry)
         return batch
 
-    def _report(self, batch: list[_Entry[I, O]], started: float, *, failed: bool) -> None:
+    def _report(self, batch: list[_Entry[In, Out]], started: float, *, failed: bool) -> None:
         if self.on_batch is None:
             return
         stats = BatchStats(

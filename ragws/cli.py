@@ -16,7 +16,6 @@ from . import __version__
 from .config import ConfigError, env_name, flag_name, load_settings, setting_fields
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ragws", description="WebSocket inference server for document layout and OCR."

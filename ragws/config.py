@@ -97,8 +97,12 @@ class Settings:
         pref = self.layout_preferred_batch_size
         if pref != "auto":
             ok = pref.isdigit() and 1 <= int(pref) <= self.layout_batch_size
-            _require(ok, "layout_preferred_batch_size", pref, "must be auto or 1..layout_batch_size")
-        _require(0 <= self.max_wait_ms <= 10_000, "max_wait_ms", self.max_wait_ms, "must be 0..10000")
+            _require(
+                ok, "layout_preferred_batch_size", pref, "must be auto or 1..layout_batch_size"
+            )
+        _require(
+            0 <= self.max_wait_ms <= 10_000, "max_wait_ms", self.max_wait_ms, "must be 0..10000"
+        )
         _require(self.max_pages >= 1, "max_pages", self.max_pages, "must be ≥ 1")
         _require(self.max_pdf_bytes >= 1024, "max_pdf_bytes", self.max_pdf_bytes, "must be ≥ 1024")
         _require(
@@ -188,9 +192,7 @@ def _coerce(name: str, kind: type, raw: Any, source: str) -> Any:
             raise ValueError(raw)
         return kind(raw)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"{name}={raw!r} (from {source}): expected {kind.__name__}"
-        ) from None
+        raise ConfigError(f"{name}={raw!r} (from {source}): expected {kind.__name__}") from None
 
 
 _TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}

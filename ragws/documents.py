@@ -32,7 +32,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise bad_request("image is not in a format that can be decoded (PNG, JPEG, WebP, ...)")
+        raise bad_request(
+            "image is not in a format that can be decoded (PNG, JPEG, WebP, ...)"
+        ) from None
     except Exception as exc:
         raise bad_request(f"image header is corrupt: {exc}") from None
     width, height = image.size

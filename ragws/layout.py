@@ -246,5 +246,3 @@ def synthetic_page(width: int = 1224, height: int = 1584) -> np.ndarray:
     for top in range(150, height - 150, 40):
         page[top : top + 14, 120 : width - 120] = 30
     return page
-
-

@@ -41,14 +41,17 @@ class Metrics:
             "ragws_inflight_requests", "Requests admitted and not yet answered", registry=r
         )
         self.rejected_total = Counter(
-            "ragws_rejected_total", "Requests refused because the server was at capacity",
+            "ragws_rejected_total",
+            "Requests refused because the server was at capacity",
             registry=r,
         )
         self.websocket_connections = Gauge(
             "ragws_websocket_connections", "Open WebSocket connections", registry=r
         )
         self.layout_batch_size = Histogram(
-            "ragws_layout_batch_size", "Pages per layout model call", buckets=BATCH_BUCKETS,
+            "ragws_layout_batch_size",
+            "Pages per layout model call",
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.layout_queue_seconds = Histogram(

@@ -11,13 +11,13 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 
 PROTOCOL_VERSION = 1
 
-RequestId = Union[str, int]
+RequestId = str | int
 MAX_ID_CHARS = 128
 MAX_SELECTED_PAGES = 100_000  # a sanity bound on the list itself; max_pages is the real cap
 
@@ -75,7 +75,7 @@ class CancelRequest:
     id: RequestId
 
 
-Request = Union[LayoutRequest, PdfRequest, CancelRequest]
+Request = LayoutRequest | PdfRequest | CancelRequest
 
 # Request types a later version of the server may serve; named so that a client gets
 # "unsupported" (this server cannot) rather than "bad_request" (no server can).
@@ -231,7 +231,12 @@ def encode(frame: Mapping[str, Any]) -> bytes:
 
 
 def hello_frame(models: Mapping[str, str | None], limits: Mapping[str, Any]) -> dict[str, Any]:
-    return {"type": "hello", "version": PROTOCOL_VERSION, "models": dict(models), "limits": dict(limits)}
+    return {
+        "type": "hello",
+        "version": PROTOCOL_VERSION,
+        "models": dict(models),
+        "limits": dict(limits),
+    }
 
 
 def error_frame(request_id: RequestId | None, code: ErrorCode, message: str) -> dict[str, Any]:

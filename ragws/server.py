@@ -258,7 +258,13 @@ def _seed_page(page: PageLayout) -> dict[str, Any]:
     return {
         "classes": [det.labels[i] for i in order],
         "coordinates": [
-            dict(zip(("x_min", "y_min", "x_max", "y_max"), (int(v) for v in det.boxes[i])))
+            dict(
+                zip(
+                    ("x_min", "y_min", "x_max", "y_max"),
+                    (int(v) for v in det.boxes[i]),
+                    strict=False,
+                )
+            )
             for i in order
         ],
         "scores": [round(float(det.scores[i]), 4) for i in order],

@@ -9,6 +9,7 @@ of different requests interleave but never tear, and a slow reader slows only it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -123,7 +124,9 @@ class Session:
         if task is None:
             await self.send_error(
                 request_id,
-                RequestError(ErrorCode.BAD_REQUEST, f"no request with id {request_id!r} is in flight"),
+                RequestError(
+                    ErrorCode.BAD_REQUEST, f"no request with id {request_id!r} is in flight"
+                ),
             )
             return
         task.cancel()
@@ -164,7 +167,10 @@ class Session:
     async def _layout(self, request: LayoutRequest) -> None:
         result = await self.services.layout.detect_image(request.image, request.conf, request.iou)
         frame = {"type": "layout", "id": request.id, **layout_fields(result)}
-        frame["timing"] = {"queue_ms": round(result.queue_ms, 3), "total_ms": round(result.total_ms, 3)}
+        frame["timing"] = {
+            "queue_ms": round(result.queue_ms, 3),
+            "total_ms": round(result.total_ms, 3),
+        }
         await self.send(frame)
 
     async def _pdf(self, request: PdfRequest) -> None:
@@ -204,10 +210,9 @@ class Session:
         async with self._send_lock:
             if self.ws.closed:
                 return
-            try:
+            # A peer that went away mid-write is cleaned up by run().
+            with contextlib.suppress(ConnectionError):
                 await self.ws.send_bytes(data)
-            except ConnectionError:  # peer went away mid-write; run() cleans up
-                pass
 
     async def send_error(self, request_id: RequestId | None, exc: RequestError) -> None:
         await self.send(protocol.error_frame(request_id, exc.code, exc.message))

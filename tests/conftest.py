@@ -25,7 +25,9 @@ PAPER = FIXTURES / "2310.01889v4.pdf"
 @pytest.fixture(scope="session")
 def paper_pdf() -> bytes:
     if not PAPER.is_file():
-        pytest.skip(f"fixture document missing: {PAPER} (the shared/fixtures folder beside the repo)")
+        pytest.skip(
+            f"fixture document missing: {PAPER} (the shared/fixtures folder beside the repo)"
+        )
     return PAPER.read_bytes()
 
 

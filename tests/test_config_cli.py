@@ -69,7 +69,7 @@ def test_invalid_settings_name_the_setting(cli, env, needle):
 def test_unknown_and_bad_config_file(tmp_path):
     bad_key = tmp_path / "a.toml"
     bad_key.write_text("max_concurency = 5\n")
-    with pytest.raises(ConfigError, match="max_concurency.*unknown"):
+    with pytest.raises(ConfigError, match=r"max_concurency.*unknown"):
         load_settings({}, config_path=bad_key, environ={})
     broken = tmp_path / "b.toml"
     broken.write_text("port = = 1\n")

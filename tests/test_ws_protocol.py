@@ -106,11 +106,15 @@ def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge size, with a few bytes of pixel data."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     pixels = zlib.compress(b"\0" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
 
 
 def _big_png(width: int, height: int) -> bytes:
@@ -129,27 +133,77 @@ BAD_FRAMES = [
     ("missing image", {"type": "layout", "id": 3}, 3, "bad_request", "'image'"),
     ("image as str", {"type": "layout", "id": 4, "image": "abc"}, 4, "bad_request", "binary"),
     ("zero-byte image", {"type": "layout", "id": 5, "image": b""}, 5, "bad_request", "empty"),
-    ("not an image", {"type": "layout", "id": 6, "image": b"hello" * 50}, 6, "bad_request",
-     "decoded"),
-    ("bomb header", {"type": "layout", "id": 8, "image": _png_header_only(100_000, 100_000)}, 8,
-     "too_large", "pixels"),
-    ("over pixel cap", {"type": "layout", "id": 9, "image": _big_png(3000, 3000)}, 9, "too_large",
-     "limit"),
-    ("conf out of range", {"type": "layout", "id": 10, "image": b"x", "conf": 1.5}, 10,
-     "bad_request", "'conf'"),
-    ("iou ill-typed", {"type": "layout", "id": 11, "image": b"x", "iou": "high"}, 11,
-     "bad_request", "'iou'"),
+    (
+        "not an image",
+        {"type": "layout", "id": 6, "image": b"hello" * 50},
+        6,
+        "bad_request",
+        "decoded",
+    ),
+    (
+        "bomb header",
+        {"type": "layout", "id": 8, "image": _png_header_only(100_000, 100_000)},
+        8,
+        "too_large",
+        "pixels",
+    ),
+    (
+        "over pixel cap",
+        {"type": "layout", "id": 9, "image": _big_png(3000, 3000)},
+        9,
+        "too_large",
+        "limit",
+    ),
+    (
+        "conf out of range",
+        {"type": "layout", "id": 10, "image": b"x", "conf": 1.5},
+        10,
+        "bad_request",
+        "'conf'",
+    ),
+    (
+        "iou ill-typed",
+        {"type": "layout", "id": 11, "image": b"x", "iou": "high"},
+        11,
+        "bad_request",
+        "'iou'",
+    ),
     ("zero-byte pdf", {"type": "pdf", "id": 12, "pdf": b""}, 12, "bad_request", "empty"),
-    ("corrupt pdf", {"type": "pdf", "id": 13, "pdf": b"%PDF-1.7\n garbage \x00\x01"}, 13,
-     "bad_request", "pdf"),
-    ("encrypted pdf", {"type": "pdf", "id": 14, "pdf": _encrypted_pdf()}, 14, "bad_request",
-     "encrypted"),
-    ("scale out of range", {"type": "pdf", "id": 15, "pdf": b"%PDF", "scale": 50}, 15,
-     "bad_request", "'scale'"),
-    ("negative page", {"type": "pdf", "id": 16, "pdf": b"%PDF", "pages": [-1]}, 16, "bad_request",
-     "'pages'"),
-    ("pages not a list", {"type": "pdf", "id": 17, "pdf": b"%PDF", "pages": 3}, 17, "bad_request",
-     "'pages'"),
+    (
+        "corrupt pdf",
+        {"type": "pdf", "id": 13, "pdf": b"%PDF-1.7\n garbage \x00\x01"},
+        13,
+        "bad_request",
+        "pdf",
+    ),
+    (
+        "encrypted pdf",
+        {"type": "pdf", "id": 14, "pdf": _encrypted_pdf()},
+        14,
+        "bad_request",
+        "encrypted",
+    ),
+    (
+        "scale out of range",
+        {"type": "pdf", "id": 15, "pdf": b"%PDF", "scale": 50},
+        15,
+        "bad_request",
+        "'scale'",
+    ),
+    (
+        "negative page",
+        {"type": "pdf", "id": 16, "pdf": b"%PDF", "pages": [-1]},
+        16,
+        "bad_request",
+        "'pages'",
+    ),
+    (
+        "pages not a list",
+        {"type": "pdf", "id": 17, "pdf": b"%PDF", "pages": 3},
+        17,
+        "bad_request",
+        "'pages'",
+    ),
     ("ocr without model", {"type": "ocr", "id": 18, "image": b"x"}, 18, "unsupported", "ocr"),
     ("cancel of unknown id", {"type": "cancel", "id": "nope"}, "nope", "bad_request", "in flight"),
 ]
@@ -215,10 +269,14 @@ async def test_oversize_frame_closes_socket_1009(start_server, connect):
     client, _ = await connect(server)
     await client.send({"type": "layout", "id": 1, "image": b"\0" * (128 * 1024)})
     msg = await client.ws.receive(timeout=10)
-    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert msg.type in (
+        aiohttp.WSMsgType.CLOSE,
+        aiohttp.WSMsgType.CLOSED,
+        aiohttp.WSMsgType.CLOSING,
+    )
     assert client.ws.close_code == 1009
     # Other clients are unaffected.
-    other, hello = await connect(server)
+    _other, hello = await connect(server)
     assert hello["type"] == "hello"
 
 
