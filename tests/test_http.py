@@ -95,3 +95,14 @@ async def test_doc_layout_over_capacity_gets_429(start_server, paper_pdf):
         status, retry_after, body = await post()
         assert status == 429 and retry_after == "1" and body["error"] == "overloaded"
         assert (await first)[0] == 200
+
+
+async def test_viewer_page_and_its_script_are_served(start_server):
+    server = await start_server()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/") as resp:
+            assert resp.status == 200
+            page = await resp.text()
+        assert "/ws" in page and "/static/vendor/msgpack.min.js" in page
+        async with http.get(server.url + "/static/vendor/msgpack.min.js") as resp:
+            assert resp.status == 200 and "MessagePack" in await resp.text()
