@@ -66,7 +66,11 @@ def create_app(settings: Settings, *, layout_model: LayoutModel | None = None) -
     )
     if (static := static_dir()) is not None:
         index = static / "index.html"
-        app.router.add_get("/", lambda _request: web.FileResponse(index))
+
+        async def viewer(_request: web.Request) -> web.FileResponse:
+            return web.FileResponse(index)
+
+        app.router.add_get("/", viewer)
         app.router.add_static("/static/", static)
     return app
 

@@ -82,10 +82,11 @@ async def start_server(embedded_model) -> AsyncIterator[Callable[..., Any]]:
     """Start ragws on a free loopback port; settings override the test defaults."""
     runners: list[web.AppRunner] = []
 
-    async def start(model: Any = None, **overrides: Any) -> Server:
+    async def start(model: Any = None, *, load_model: bool = False, **overrides: Any) -> Server:
+        """``load_model`` loads ``layout_model`` from the settings, as ``ragws serve`` does."""
         base = {"port": 0, "layout_preferred_batch_size": "1", "max_wait_ms": 5.0}
         settings = Settings(**{**base, **overrides})
-        app = create_app(settings, layout_model=model or embedded_model)
+        app = create_app(settings, layout_model=None if load_model else model or embedded_model)
         runner = web.AppRunner(app, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -129,3 +129,15 @@ async def test_idle_batcher_does_not_spin():
     assert time.process_time() - cpu0 < 0.05  # asleep on an event, not polling
     assert fn.batches == []
     await batcher.stop()
+
+
+def test_choose_batch_size_measures_on_cpu_and_takes_max_on_gpu(embedded_model):
+    from ragws.layout import choose_batch_size
+
+    chosen = choose_batch_size(embedded_model, 4, budget_s=5.0)
+    assert chosen in (1, 2, 4)
+
+    class OnGpu:
+        device = "cuda"
+
+    assert choose_batch_size(OnGpu(), 16) == 16  # type: ignore[arg-type]
