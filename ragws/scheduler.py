@@ -1,0 +1,96 @@
+"""Iteration-level scheduling: who prefills and who decodes in the next step.
+
+One rule, as in vLLM v1, instead of prefill and decode phases: every running sequence decodes
+one token every step (decode has priority, so no running stream ever stalls for a whole
+prefill phase), and waiting sequences are admitted into free KV slots while a per-step prompt
+token budget lasts. A newcomer's prefill therefore delays running decodes by at most one
+step's worth of prompt tokens.
+
+The scheduler never touches tensors and runs on the engine thread only; requests and aborts
+from the event loop reach it through the engine's inbox.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_slots import SlotAllocator
+from .sequence import FinishReason, Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class ScheduledStep:
+    prefill: list[Sequence] = field(
+        default_factory=list
+    )  # admitted now: encode, prefill, 1st token
+    decode: list[Sequence] = field(default_factory=list)  # running: one token each
+
+    def __bool__(self) -> bool:
+        return bool(self.prefill or self.decode)
+
+
+class Scheduler:
+    def __init__(self, slots: SlotAllocator, *, max_prefill_tokens: int) -> None:
+        self.slots = slots
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep(decode=list(self.running))
+        budget = self.max_prefill_tokens
+        while self.waiting and self.slots.can_allocate():
+            seq = self.waiting[0]
+            # The first admission always fits, so a prompt longer than the budget still runs.
+            if step.prefill and seq.num_prompt_tokens > budget:
+                break
+            self.waiting.popleft()
+            seq.slot = self.slots.allocate(seq.request_id)
+            seq.status = SeqStatus.RUNNING
+            step.prefill.append(seq)
+            budget -= seq.num_prompt_tokens
+        self.running.extend(step.prefill)
+        return step
+
+    def postprocess(self, step: ScheduledStep, tokens: list[int]) -> list[Sequence]:
+        """Append each sequence's new token (prefill first, then decode order); return those
+        that finished, with their slots already free."""
+        finished: list[Sequence] = []
+        for seq, token in zip(step.prefill + step.decode, tokens, strict=True):
+            if seq.status is not SeqStatus.RUNNING:  # aborted while the step ran
+                continue
+            reason = seq.append(token)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def abort(self, request_id: int) -> Sequence | None:
+        """Remove a sequence wherever it is and free its slot; None if it already ended."""
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.status = SeqStatus.FINISHED
+                seq.finish_reason = FinishReason.CANCELLED
+                return seq
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.finish(seq, FinishReason.CANCELLED)
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot is not None:
+            self.slots.free(seq.slot)
+            seq.slot = None

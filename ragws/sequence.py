@@ -1,0 +1,84 @@
+"""A generation request's state inside the OCR engine.
+
+Sequences are created on the event loop, then owned by the engine thread: only the scheduler
+and the runner mutate them. What a client sees leaves through ``emit``, which the engine calls
+from its thread and which must be thread-safe (it hands events to the event loop).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # the model emitted end-of-text
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # cancel frame, closed socket, or a disconnected HTTP client
+    ERROR = "error"  # the model failed on a step this sequence was in
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """What the engine tells a request after a step: new text, and whether it is over."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    scheduled_at: float | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request_id: int  # engine-wide, unique; not the client's id (clients' ids collide)
+    prompt_ids: list[int]
+    image: Any  # backend-specific prepared image (e.g. pixel values)
+    max_tokens: int
+    stop_ids: frozenset[int]
+    emit: Callable[[TokenEvent], None]
+    ignore_eos: bool = False
+    status: SeqStatus = SeqStatus.WAITING
+    slot: int | None = None
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    arrived_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    detok: Any = None  # the runner's incremental detokeniser state
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose keys and values the KV cache must hold after the next decode step."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+    def append(self, token: int) -> FinishReason | None:
+        """Record a generated token; return why the sequence ends, if it does."""
+        self.output_ids.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if token in self.stop_ids and not self.ignore_eos:
+            return FinishReason.STOP
+        if len(self.output_ids) >= self.max_tokens:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,1 @@
+"""Test helpers: small stand-in models built locally, with no network."""
