@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .kv_slots import SlotAllocator
-from .sequence import FinishReason, Sequence, SeqStatus
+from .sequence import FinishReason, SeqStatus, Sequence
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ import pytest
 
 from ragws.kv_slots import SlotAllocator, SlotsExhausted
 from ragws.scheduler import Scheduler
-from ragws.sequence import FinishReason, Sequence, SeqStatus
+from ragws.sequence import FinishReason, SeqStatus, Sequence
 
 EOS = 2
 
