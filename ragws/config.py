@@ -27,7 +27,7 @@ DEFAULT_CONFIG = Path("config.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEVICES = ("auto", "cpu", "cuda")
 LAYOUT_MODELS = ("embedded", "doclayout-yolo")
-OCR_MODELS = ("none",)
+OCR_MODELS = ("none", "got-ocr2")
 
 
 class ConfigError(ValueError):
@@ -51,7 +51,25 @@ class Settings:
         "layout backend: embedded (PP-PicoDet CDLA, ONNX, offline), doclayout-yolo (weights from "
         "the Hugging Face hub), or a local path to a .onnx (PicoDet-style) or .pt (DocLayout-YOLO)",
     )
-    ocr_model: str = _setting("none", "OCR backend; none disables OCR")
+    ocr_model: str = _setting(
+        "none",
+        "OCR backend: none (disabled), got-ocr2 (stepfun-ai/GOT-OCR-2.0-hf from the Hugging Face "
+        "hub), or a local GOT-OCR2 directory written by save_pretrained",
+    )
+    ocr_batch_size: int = _setting(
+        16, "most OCR sequences decoding at once (KV-cache slots, preallocated)"
+    )
+    max_model_len: int = _setting(
+        4096, "KV-cache length per slot: prompt (image tokens included) plus generated tokens"
+    )
+    ocr_max_tokens: int = _setting(
+        4096, "most tokens one OCR request may generate; larger max_tokens are capped to it"
+    )
+    ocr_max_prefill_tokens: int = _setting(
+        2048,
+        "prompt tokens admitted per engine step; bounds how long new requests delay running "
+        "streams (one request is always admitted)",
+    )
     max_concurrent: int = _setting(
         100, "global cap on in-flight requests; beyond it requests are rejected at once"
     )
@@ -131,11 +149,21 @@ class Settings:
                 f"must be one of {', '.join(LAYOUT_MODELS)} or a path to a .onnx or .pt file",
             )
             _require(path.is_file(), "layout_model", self.layout_model, "no such file")
+        if self.ocr_model not in OCR_MODELS:
+            _require(
+                (Path(self.ocr_model) / "config.json").is_file(),
+                "ocr_model",
+                self.ocr_model,
+                f"must be one of {', '.join(OCR_MODELS)} or a model directory with config.json",
+            )
+        _require(1 <= self.ocr_batch_size <= 1024, "ocr_batch_size", self.ocr_batch_size, "1..1024")
+        _require(self.max_model_len >= 16, "max_model_len", self.max_model_len, "must be ≥ 16")
+        _require(self.ocr_max_tokens >= 1, "ocr_max_tokens", self.ocr_max_tokens, "must be ≥ 1")
         _require(
-            self.ocr_model in OCR_MODELS,
-            "ocr_model",
-            self.ocr_model,
-            f"must be one of {', '.join(OCR_MODELS)}",
+            self.ocr_max_prefill_tokens >= 1,
+            "ocr_max_prefill_tokens",
+            self.ocr_max_prefill_tokens,
+            "must be ≥ 1",
         )
 
     @property
@@ -154,6 +182,8 @@ class Settings:
             "max_image_pixels": self.max_image_pixels,
             "max_render_scale": self.max_render_scale,
             "layout_batch_size": self.layout_batch_size,
+            "ocr_max_tokens": self.ocr_max_tokens,
+            "max_model_len": self.max_model_len,
         }
 
 

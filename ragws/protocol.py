@@ -71,15 +71,27 @@ class PdfRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class OcrRequest:
+    id: RequestId
+    image: bytes
+    mode: str = "format"  # GOT's "OCR with format" (markup) or "plain"
+    max_tokens: int | None = None  # None: the server's cap; larger values are capped to it
+    box: tuple[float, float, float, float] | None = None  # crop to this region first
+    crop: bool = False  # GOT's multi-patch mode for large, dense pages
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
+
+
+@dataclass(frozen=True, slots=True)
 class CancelRequest:
     id: RequestId
 
 
-Request = LayoutRequest | PdfRequest | CancelRequest
+Request = LayoutRequest | PdfRequest | OcrRequest | CancelRequest
 
 # Request types a later version of the server may serve; named so that a client gets
 # "unsupported" (this server cannot) rather than "bad_request" (no server can).
-FUTURE_TYPES = ("ocr", "parse")
+FUTURE_TYPES = ("parse",)
+OCR_MODES = ("format", "plain")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +133,16 @@ def parse_request(frame: Any, limits: Limits) -> Request:
                 conf=_unit(frame, "conf"),
                 iou=_unit(frame, "iou"),
             )
+        if kind == "ocr":
+            return OcrRequest(
+                id=request_id,
+                image=_bytes(frame, "image"),
+                mode=_choice(frame, "mode", OCR_MODES, "format"),
+                max_tokens=_positive_int(frame, "max_tokens"),
+                box=_box(frame),
+                crop=_bool(frame, "crop", False),
+                ignore_eos=_bool(frame, "ignore_eos", False),
+            )
         if kind == "cancel":
             return CancelRequest(id=request_id)
     except RequestError as exc:
@@ -133,7 +155,7 @@ def parse_request(frame: Any, limits: Limits) -> Request:
     if kind is None:
         raise bad_request("missing field 'type'", request_id)
     raise bad_request(
-        f"unknown type {kind!r}; expected one of 'layout', 'pdf', 'cancel'", request_id
+        f"unknown type {kind!r}; expected one of 'layout', 'pdf', 'ocr', 'cancel'", request_id
     )
 
 
@@ -196,6 +218,37 @@ def _scale(frame: Mapping[str, Any], max_scale: float) -> float:
     if not 0.0 < value <= max_scale:
         raise bad_request(f"field 'scale' must be in (0, {max_scale}], got {value}")
     return value
+
+
+def _choice(frame: Mapping[str, Any], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = frame.get(name)
+    if value is None:
+        return default
+    if value not in choices:
+        raise bad_request(f"field {name!r} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _positive_int(frame: Mapping[str, Any], name: str) -> int | None:
+    value = frame.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_request(f"field {name!r} must be an integer ≥ 1, got {value!r}")
+    return value
+
+
+def _box(frame: Mapping[str, Any]) -> tuple[float, float, float, float] | None:
+    value = frame.get("box")
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and len(value) == 4
+    ok = ok and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
+    if not ok or not (value[0] < value[2] and value[1] < value[3]):
+        raise bad_request("field 'box' must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
+    return (float(value[0]), float(value[1]), float(value[2]), float(value[3]))
 
 
 def _bool(frame: Mapping[str, Any], name: str, default: bool) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import logging
 import signal
 import sys
@@ -23,8 +25,11 @@ from .admission import Admission
 from .config import Settings
 from .layout import LayoutService, PageLayout
 from .metrics import CONTENT_TYPE, Metrics
-from .models import LayoutModel, load_layout_model
+from .models import LayoutModel, load_layout_model, load_ocr_runner
+from .ocr import OcrOptions, OcrService
+from .ocr_engine import StepRunner
 from .protocol import ErrorCode, RequestError
+from .sequence import TokenEvent
 from .session import Services, Session
 
 log = logging.getLogger(__name__)
@@ -52,16 +57,23 @@ def static_dir() -> Path | None:
     return None
 
 
-def create_app(settings: Settings, *, layout_model: LayoutModel | None = None) -> web.Application:
-    """Build the application. ``layout_model`` lets an embedding program share a loaded model."""
+def create_app(
+    settings: Settings,
+    *,
+    layout_model: LayoutModel | None = None,
+    ocr_runner: StepRunner | None = None,
+) -> web.Application:
+    """Build the application. The model arguments let an embedding program (or a test suite)
+    share models that are already loaded; otherwise the settings name what to load."""
     app = web.Application(client_max_size=settings.max_pdf_bytes + 1024 * 1024)
-    app.cleanup_ctx.append(_services_ctx(settings, layout_model))
+    app.cleanup_ctx.append(_services_ctx(settings, layout_model, ocr_runner))
     app.router.add_routes(
         [
             web.get("/ws", ws_handler),
             web.get("/health", health),
             web.get("/metrics", metrics),
             web.post("/doc_layout", doc_layout),
+            web.post("/ocr", ocr),
         ]
     )
     if (static := static_dir()) is not None:
@@ -76,7 +88,7 @@ def create_app(settings: Settings, *, layout_model: LayoutModel | None = None) -
 
 
 def _services_ctx(
-    settings: Settings, layout_model: LayoutModel | None
+    settings: Settings, layout_model: LayoutModel | None, ocr_runner: StepRunner | None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -87,9 +99,24 @@ def _services_ctx(
             settings.device,
             settings.inference_threads,
         )
+        runner = ocr_runner
+        if runner is None and settings.ocr_model != "none":
+            runner = await loop.run_in_executor(
+                None,
+                lambda: load_ocr_runner(
+                    settings.ocr_model,
+                    settings.device,
+                    num_slots=settings.ocr_batch_size,
+                    max_model_len=settings.max_model_len,
+                ),
+            )
         metrics = Metrics()
         layout = LayoutService(model, settings, metrics)
         await layout.start()
+        ocr_service = None
+        if runner is not None:
+            ocr_service = OcrService(runner, settings, metrics)
+            await ocr_service.start()
         app[SERVICES] = Services(
             settings=settings,
             metrics=metrics,
@@ -97,14 +124,18 @@ def _services_ctx(
                 settings.max_concurrent, metrics.inflight_requests, metrics.rejected_total
             ),
             layout=layout,
+            ocr=ocr_service,
             hello=protocol.hello_frame(
-                {"layout": model.name, "ocr": None}, settings.public_limits()
+                {"layout": model.name, "ocr": ocr_service.name if ocr_service else None},
+                settings.public_limits(),
             ),
             limits=protocol.Limits(max_render_scale=settings.max_render_scale),
         )
         try:
             yield
         finally:
+            if ocr_service is not None:
+                await ocr_service.stop()
             await layout.stop()
 
     return ctx
@@ -137,15 +168,17 @@ def _peer(request: web.Request) -> str:
 async def health(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     model = services.layout.model
+    healthy = services.ocr is None or services.ocr.engine.healthy
     return web.json_response(
         {
-            "status": "ok",
+            "status": "ok" if healthy else "unhealthy",
             "version": __version__,
             "models": services.hello["models"],
             "device": model.device,
             "inflight": services.admission.inflight,
             "max_concurrent": services.admission.max_concurrent,
-        }
+        },
+        status=200 if healthy else 503,
     )
 
 
@@ -253,6 +286,93 @@ async def doc_layout(request: web.Request) -> web.StreamResponse:
         )
 
     return await _admitted(request, "doc_layout", serve)
+
+
+async def ocr(request: web.Request) -> web.StreamResponse:
+    """Seed-compatible ``POST /ocr``: multipart ``image``, ``mode``, ``max_tokens``, ``stream``.
+
+    ``stream=false`` answers ``{"result": text}``; ``stream=true`` answers Server-Sent Events,
+    one ``data: {"token": ...}`` per text delta, then an ``event: done`` with the finish reason
+    and usage (clients that listen only to unnamed events see exactly the seed's stream).
+    A client that disconnects cancels its sequence, freeing its KV slot.
+    """
+
+    async def serve() -> web.StreamResponse:
+        services = request.app[SERVICES]
+        if services.ocr is None:
+            raise RequestError(ErrorCode.UNSUPPORTED, "no OCR model is loaded (--ocr-model none)")
+        form = await _form_fields(request)
+        upload = form.get("image")
+        if upload is None or not hasattr(upload, "file"):
+            raise protocol.bad_request("missing file field 'image'")
+        mode = str(form.get("mode") or "format").lower()
+        if mode not in protocol.OCR_MODES:
+            raise protocol.bad_request("field 'mode' must be 'plain' or 'format'")
+        max_tokens = _form_int(form, "max_tokens")
+        stream = _form_bool(form, "stream")
+        options = OcrOptions(
+            mode=mode, max_tokens=max_tokens, ignore_eos=_form_bool(form, "ignore_eos")
+        )
+        generate = services.ocr.generate(upload.file.read(), options)
+        async with contextlib.aclosing(generate) as events:  # closing aborts the sequence
+            if stream:
+                return await _sse(request, events)
+            parts, last = [], None
+            async for event in events:
+                parts.append(event.text)
+                last = event
+        if last is not None and last.error is not None:
+            raise RequestError(ErrorCode.INTERNAL, f"ocr model failed: {last.error}")
+        return web.json_response({"result": "".join(parts)})
+
+    return await _admitted(request, "ocr", serve)
+
+
+async def _sse(request: web.Request, events: AsyncIterator[TokenEvent]) -> web.StreamResponse:
+    # The first event is awaited before the headers go out, so that a bad image still gets a
+    # 400 rather than a 200 stream that ends at once.
+    first = await anext(events)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    event: TokenEvent | None = first
+    while event is not None:
+        if event.text:
+            data = json.dumps({"token": event.text}, ensure_ascii=False)
+            await response.write(f"data: {data}\n\n".encode())
+        if event.finish_reason is not None:
+            done = {
+                "finish_reason": event.finish_reason.value,
+                "usage": {
+                    "prompt_tokens": event.prompt_tokens,
+                    "completion_tokens": event.completion_tokens,
+                },
+            }
+            if event.error is not None:
+                done["error"] = event.error
+            await response.write(f"event: done\ndata: {json.dumps(done)}\n\n".encode())
+            break
+        event = await anext(events, None)
+    await response.write_eof()
+    return response
+
+
+def _form_bool(form: dict[str, Any], name: str) -> bool:
+    return str(form.get(name, "false")).lower() in ("1", "true", "yes", "on")
+
+
+def _form_int(form: dict[str, Any], name: str) -> int | None:
+    raw = form.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise protocol.bad_request(f"field {name!r} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise protocol.bad_request(f"field {name!r} must be ≥ 1, got {value}")
+    return value
 
 
 def _seed_page(page: PageLayout) -> dict[str, Any]:

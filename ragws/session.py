@@ -23,15 +23,18 @@ from .admission import Admission
 from .config import Settings
 from .layout import LayoutService, PageLayout
 from .metrics import Metrics
+from .ocr import OcrOptions, OcrService
 from .protocol import (
     CancelRequest,
     ErrorCode,
     LayoutRequest,
+    OcrRequest,
     PdfRequest,
     Request,
     RequestError,
     RequestId,
 )
+from .sequence import TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class Services:
     metrics: Metrics
     admission: Admission
     layout: LayoutService
+    ocr: OcrService | None  # None: started with --ocr-model none
     hello: dict[str, Any]
     limits: protocol.Limits
 
@@ -58,6 +62,7 @@ class Session:
         self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             LayoutRequest: self._layout,
             PdfRequest: self._pdf,
+            OcrRequest: self._ocr,
         }
 
     async def run(self) -> None:
@@ -203,6 +208,48 @@ class Session:
             )
         )
 
+    async def _ocr(self, request: OcrRequest) -> None:
+        ocr = self.services.ocr
+        if ocr is None:
+            raise RequestError(
+                ErrorCode.UNSUPPORTED,
+                "this server has no ocr model (started with --ocr-model none)",
+            )
+        started = time.monotonic()
+        options = OcrOptions(
+            mode=request.mode,
+            max_tokens=request.max_tokens,
+            box=request.box,
+            crop=request.crop,
+            ignore_eos=request.ignore_eos,
+        )
+        parts: list[str] = []
+        last: TokenEvent | None = None
+        events = ocr.generate(request.image, options)
+        try:
+            async for event in events:
+                if event.text:
+                    parts.append(event.text)
+                    await self.send({"type": "token", "id": request.id, "text": event.text})
+                last = event
+        finally:
+            await events.aclose()
+        assert last is not None and last.finish_reason is not None  # generate() ends on one
+        if last.error is not None:
+            raise RequestError(ErrorCode.INTERNAL, f"ocr model failed: {last.error}")
+        await self.send(
+            protocol.done_frame(
+                request.id,
+                last.finish_reason.value,
+                text="".join(parts),
+                usage={
+                    "prompt_tokens": last.prompt_tokens,
+                    "completion_tokens": last.completion_tokens,
+                },
+                timing=ocr_timing(started, last),
+            )
+        )
+
     # --- outbound -------------------------------------------------------------------------
 
     async def send(self, frame: dict[str, Any]) -> None:
@@ -230,5 +277,18 @@ def layout_fields(page: PageLayout) -> dict[str, Any]:
     }
 
 
+def ocr_timing(started: float, last: TokenEvent) -> dict[str, float]:
+    """queue: arrival → admitted into the running batch; ttft: arrival → first token."""
+
+    def since(moment: float | None) -> float:
+        return round(((moment or time.monotonic()) - started) * 1000, 3)
+
+    return {
+        "queue_ms": since(last.scheduled_at),
+        "ttft_ms": since(last.first_token_at),
+        "total_ms": since(None),
+    }
+
+
 def _type_name(request: Request) -> str:
-    return {LayoutRequest: "layout", PdfRequest: "pdf"}[type(request)]
+    return {LayoutRequest: "layout", PdfRequest: "pdf", OcrRequest: "ocr"}[type(request)]

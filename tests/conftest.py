@@ -139,3 +139,12 @@ async def connect() -> AsyncIterator[Callable[..., Any]]:
     yield open_ws
     for http in sessions:
         await http.close()
+
+
+@pytest.fixture(scope="session")
+def got_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight GOT-OCR2, saved with save_pretrained like a real checkpoint."""
+    pytest.importorskip("torch")
+    from ragws.testing.got_tiny import build_tiny_got_ocr2
+
+    return build_tiny_got_ocr2(tmp_path_factory.mktemp("got_tiny"))

@@ -7,10 +7,21 @@ server runs on onnxruntime alone.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .base import Detections, LayoutInput, LayoutModel
 
-__all__ = ["Detections", "LayoutInput", "LayoutModel", "load_layout_model", "resolve_device"]
+if TYPE_CHECKING:
+    from .got_ocr2 import GotOcr2Runner
+
+__all__ = [
+    "Detections",
+    "LayoutInput",
+    "LayoutModel",
+    "load_layout_model",
+    "load_ocr_runner",
+    "resolve_device",
+]
 
 
 def resolve_device(setting: str, *, torch_backend: bool) -> str:
@@ -54,4 +65,18 @@ def load_layout_model(spec: str, device: str = "auto", inference_threads: int = 
         None if spec == "embedded" else spec,
         device=resolve_device(device, torch_backend=False),
         intra_op_threads=inference_threads or None,
+    )
+
+
+def load_ocr_runner(
+    spec: str, device: str = "auto", *, num_slots: int, max_model_len: int
+) -> GotOcr2Runner:
+    """Load the OCR model named by ``--ocr-model`` (``got-ocr2`` or a local directory)."""
+    from .got_ocr2 import GotOcr2Runner
+
+    return GotOcr2Runner(
+        spec,
+        device=resolve_device(device, torch_backend=True),
+        num_slots=num_slots,
+        max_model_len=max_model_len,
     )

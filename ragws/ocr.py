@@ -1,0 +1,117 @@
+"""OCR service: image bytes in, an async stream of text deltas out.
+
+The event-loop half of the OCR engine. It decodes and prepares the image on the worker pool,
+hands a :class:`~ragws.sequence.Sequence` to the engine thread, and relays the engine's events
+through an asyncio queue. Cancellation is structural: when the consuming task is cancelled (a
+``cancel`` frame, a closed socket, a disconnected HTTP client) the ``finally`` below aborts the
+sequence, and the engine frees its KV slot before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import Settings
+from .documents import decode_image
+from .metrics import Metrics
+from .ocr_engine import OcrEngine, StepRunner
+from .protocol import bad_request, too_large
+from .sequence import Sequence, TokenEvent
+
+_request_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class OcrOptions:
+    mode: str = "format"  # "format" or "plain", as GOT's prompts
+    max_tokens: int | None = None  # None: the server's cap
+    box: tuple[float, float, float, float] | None = None  # crop to this region first
+    crop: bool = False  # GOT's multi-patch mode for large, dense pages
+    ignore_eos: bool = False
+
+
+class OcrService:
+    def __init__(self, runner: StepRunner, settings: Settings, metrics: Metrics) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.metrics = metrics
+        self.engine = OcrEngine(
+            runner,
+            max_prefill_tokens=settings.ocr_max_prefill_tokens,
+            on_step=metrics.observe_ocr_step,
+        )
+        threads = settings.preprocess_threads or os.cpu_count() or 2
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ragws-ocr-prep")
+        metrics.kv_slots_total.set(runner.num_slots)
+
+    @property
+    def name(self) -> str:
+        return self.runner.name  # type: ignore[attr-defined]
+
+    async def start(self) -> None:
+        self.engine.start()
+
+    async def stop(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def generate(self, image: bytes, options: OcrOptions) -> AsyncIterator[TokenEvent]:
+        """Yield text deltas as the engine decodes them; the last event has a finish reason."""
+        if not self.engine.healthy:
+            raise RuntimeError("the OCR engine is not running")
+        loop = asyncio.get_running_loop()
+        rgb = await loop.run_in_executor(
+            self._pool, decode_image, image, self.settings.max_image_pixels
+        )
+        rgb = crop_box(rgb, options.box)
+        prompt = await loop.run_in_executor(
+            self._pool, lambda: self.runner.prepare(rgb, mode=options.mode, crop=options.crop)
+        )
+        room = self.runner.max_model_len - len(prompt.prompt_ids)
+        if room < 1:
+            raise too_large(
+                f"the prompt is {len(prompt.prompt_ids)} tokens; max_model_len is "
+                f"{self.runner.max_model_len}"
+            )
+        cap = min(options.max_tokens or self.settings.ocr_max_tokens, room)
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        seq = Sequence(
+            request_id=next(_request_ids),
+            prompt_ids=prompt.prompt_ids,
+            image=prompt,
+            max_tokens=cap,
+            stop_ids=self.runner.stop_ids,
+            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            ignore_eos=options.ignore_eos,
+            arrived_at=time.monotonic(),
+        )
+        self.engine.submit(seq)
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            if not finished:
+                self.engine.abort(seq.request_id)
+
+
+def crop_box(rgb: np.ndarray, box: tuple[float, float, float, float] | None) -> np.ndarray:
+    """Crop to ``[x0, y0, x1, y1]`` in the image's pixels; refuse boxes outside the image."""
+    if box is None:
+        return rgb
+    height, width = rgb.shape[:2]
+    x0, y0, x1, y1 = (round(v) for v in box)
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        raise bad_request(f"box {list(box)} leaves no pixels of the {width}×{height} image")
+    return np.ascontiguousarray(rgb[y0:y1, x0:x1])

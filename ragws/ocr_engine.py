@@ -1,0 +1,196 @@
+"""The OCR engine: one thread running ``step() = schedule → run → postprocess`` forever.
+
+Sequences join between steps and leave between steps. Requests and aborts from the event loop
+land in an inbox that the thread drains at the top of every step, so a cancelled sequence
+leaves the batch, and its KV slot is free, before the next step runs. Tokens leave through each
+sequence's ``emit`` (thread-safe), already detokenised into text deltas.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .detokenizer import IncrementalDetokenizer
+from .kv_slots import SlotAllocator
+from .scheduler import ScheduledStep, Scheduler
+from .sequence import FinishReason, Sequence, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class StepRunner(Protocol):
+    """A model adapter that can run one engine step (see ``ragws.models.got_ocr2``)."""
+
+    tokenizer: Any
+    stop_ids: frozenset[int]
+    num_slots: int
+    max_model_len: int
+
+    def step(self, prefill: list[Sequence], decode: list[Sequence]) -> list[int]: ...
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Reported after every step, for metrics."""
+
+    running: int
+    waiting: int
+    slots_used: int
+    batch_size: int  # sequences that got a token this step (0: a report between steps)
+    ttft_s: list[float]
+    step_s: float
+
+
+class OcrEngine:
+    def __init__(
+        self,
+        runner: StepRunner,
+        *,
+        max_prefill_tokens: int,
+        on_step: Callable[[EngineStats], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.slots = SlotAllocator(runner.num_slots, runner.max_model_len)
+        self.scheduler = Scheduler(self.slots, max_prefill_tokens=max_prefill_tokens)
+        self.on_step = on_step
+        self._inbox: deque[tuple[str, Any]] = deque()  # append/popleft are thread-safe
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="ragws-ocr", daemon=True)
+        self.healthy = True
+        self.steps = 0
+
+    # --- event-loop side ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def submit(self, seq: Sequence) -> None:
+        self._inbox.append(("add", seq))
+        self._wake.set()
+
+    def abort(self, request_id: int) -> None:
+        self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    # --- engine thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self.step()
+        except BaseException:
+            self.healthy = False
+            log.exception("OCR engine thread died")
+            raise
+        finally:
+            self._fail_all("the OCR engine stopped")
+
+    def _drain_inbox(self) -> None:
+        if not self._inbox:
+            return
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                seq: Sequence = item
+                seq.detok = IncrementalDetokenizer(self.runner.tokenizer, self.runner.stop_ids)
+                self.scheduler.add(seq)
+            else:
+                aborted = self.scheduler.abort(item)
+                if aborted is not None:
+                    self._emit_end(aborted, FinishReason.CANCELLED)
+        # Gauges move now, not at the next step: an abort may leave nothing to step.
+        self._report(batch_size=0, ttft_s=[], step_s=0.0)
+
+    def step(self) -> None:
+        started = time.monotonic()
+        step = self.scheduler.schedule()
+        if not step:
+            return
+        for seq in step.prefill:
+            seq.scheduled_at = started
+        try:
+            tokens = self.runner.step(step.prefill, step.decode)
+        except Exception as exc:  # fail this step's sequences, keep serving the rest
+            log.exception("OCR step failed for %d sequences", len(step.prefill + step.decode))
+            self._fail_step(step, f"{type(exc).__name__}: {exc}")
+            self._report(batch_size=0, ttft_s=[], step_s=time.monotonic() - started)
+            return
+        self.steps += 1
+        finished = set(self.scheduler.postprocess(step, tokens))
+        ttft: list[float] = []
+        for seq in step.prefill + step.decode:
+            if seq.finish_reason is FinishReason.CANCELLED:
+                continue
+            if seq in step.prefill and seq.first_token_at is not None:
+                ttft.append(seq.first_token_at - seq.arrived_at)
+            text = seq.detok.push(seq.last_token)
+            if seq in finished:
+                self._emit_end(seq, seq.finish_reason, text + seq.detok.flush())
+            elif text:
+                seq.emit(self._event(seq, text))
+        self._report(batch_size=len(tokens), ttft_s=ttft, step_s=time.monotonic() - started)
+
+    def _report(self, *, batch_size: int, ttft_s: list[float], step_s: float) -> None:
+        if self.on_step is None:
+            return
+        try:
+            self.on_step(
+                EngineStats(
+                    running=len(self.scheduler.running),
+                    waiting=len(self.scheduler.waiting),
+                    slots_used=self.slots.used,
+                    batch_size=batch_size,
+                    ttft_s=ttft_s,
+                    step_s=step_s,
+                )
+            )
+        except Exception:  # metrics must never take the engine down
+            log.exception("OCR on_step hook failed")
+
+    def _event(self, seq: Sequence, text: str, reason: FinishReason | None = None) -> TokenEvent:
+        return TokenEvent(
+            text=text,
+            token_ids=seq.output_ids[-1:],
+            finish_reason=reason,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=len(seq.output_ids),
+            first_token_at=seq.first_token_at,
+            scheduled_at=seq.scheduled_at,
+        )
+
+    def _emit_end(self, seq: Sequence, reason: FinishReason | None, text: str = "") -> None:
+        seq.emit(self._event(seq, text, reason))
+
+    def _fail_step(self, step: ScheduledStep, error: str) -> None:
+        for seq in step.prefill + step.decode:
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            event = self._event(seq, "", FinishReason.ERROR)
+            event.error = error
+            seq.emit(event)
+
+    def _fail_all(self, error: str) -> None:
+        never_added = [item for kind, item in self._inbox if kind == "add"]
+        self._inbox.clear()
+        for seq in [*self.scheduler.running, *self.scheduler.waiting, *never_added]:
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            event = self._event(seq, "", FinishReason.ERROR)
+            event.error = error
+            seq.emit(event)
+        self.scheduler.waiting.clear()
