@@ -34,7 +34,8 @@ Positions and masks (the off-by-ones):
 
 Memory: ``kv_cache_bytes() = 2 × layers × num_slots × kv_heads × max_model_len × head_dim ×
 dtype size``, allocated once at load and logged. For the real GOT-OCR2 (24 layers, 16 KV heads
-of 64) in bf16 that is 192 KiB per token of context, i.e. 768 MiB per 4096-token slot.
+of 64) in bf16 that is 96 KiB per token of context: 384 MiB per 4096-token slot, 6 GiB for the
+default 16 slots.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class ModelUnavailableError(RuntimeError):
 
 @dataclass(slots=True)
 class OcrPrompt:
-    """A prepared request, stored as ``Sequence.image``: the prompt and its image tiles."""
+    """A prepared request: the prompt and its image tiles. Stored as ``Sequence.image`` until
+    the prefill, which sets ``Sequence.image`` to None to free the pixels."""
 
     prompt_ids: list[int]
     pixel_values: torch.Tensor  # (tiles, 3, H, W), already in the model dtype, on the CPU
@@ -140,7 +142,7 @@ class GotOcr2Runner:
         self.name = HUB_SPEC if spec == HUB_SPEC else Path(spec).resolve().name
         self.model, self.processor = _load(spec, self.dtype, self._torch_device)
         self.tokenizer = self.processor.tokenizer
-        self._untie_tokenizer_state()
+        self._freeze_tokenizer_settings()
 
         vocab = self.tokenizer.get_vocab()
         self.stop_ids = frozenset(vocab[t] for t in STOP_TOKENS if t in vocab)
@@ -244,7 +246,7 @@ class GotOcr2Runner:
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self._torch_device)
 
-    def _untie_tokenizer_state(self) -> None:
+    def _freeze_tokenizer_settings(self) -> None:
         """Clear padding/truncation on the Rust tokenizer once, so that encodes never mutate it
         (a mutation racing another thread's encode raises "Already borrowed")."""
         backend = getattr(self.tokenizer, "_tokenizer", None)
@@ -268,6 +270,16 @@ class GotOcr2Runner:
         return [f.flatten(0, 1) for f in features.split([p.tiles for p in prompts])]
 
     def _prefill(self, seqs: list[Sequence]) -> list[int]:
+        for seq in seqs:  # before the (costly) vision tower runs
+            if seq.slot is None:
+                raise ValueError(f"request {seq.request_id} is prefilled without a KV slot")
+            if not isinstance(seq.image, OcrPrompt):
+                raise ValueError(f"request {seq.request_id} has no prepared image to prefill")
+            if seq.num_prompt_tokens > self.max_model_len:
+                raise ValueError(
+                    f"request {seq.request_id}: a {seq.num_prompt_tokens}-token prompt exceeds "
+                    f"max_model_len {self.max_model_len}"
+                )
         features = self._encode_images(seqs)
         # Equal-length prompts (same mode and tile count: the common case) share one forward.
         groups: dict[int, list[int]] = defaultdict(list)
@@ -275,23 +287,22 @@ class GotOcr2Runner:
             groups[seq.num_prompt_tokens].append(i)
         tokens = [0] * len(seqs)
         for length, members in groups.items():
-            if length > self.max_model_len:
-                raise ValueError(f"a {length}-token prompt exceeds max_model_len")
             group = [seqs[i] for i in members]
             ids = torch.tensor([s.prompt_ids for s in group], device=self._torch_device)
             embeds = self._lm.embed_tokens(ids)
             mask = (ids == self.image_token_id).unsqueeze(-1)
             image = torch.cat([features[i] for i in members]).to(embeds.dtype)
-            if int(mask.sum()) != image.shape[0]:
+            if int(mask.sum()) * embeds.shape[-1] != image.numel():
                 raise ValueError("image placeholders and image features differ in number")
             embeds = embeds.masked_scatter(mask, image)
-            slots = [s.slot for s in group]
-            if any(slot is None for slot in slots):
-                raise ValueError("a prefill sequence has no KV slot")
+            slots: list[int] = [s.slot for s in group]  # type: ignore[misc]  # checked above
             for token, i in zip(self._prefill_group(embeds, slots), members, strict=True):
                 tokens[i] = token
             for slot in slots:
                 self._lengths[slot] = length
+        # The pixels are dead weight from here on (up to 13 tiles of 3 × 1024² per sequence).
+        for seq in seqs:
+            seq.image = None
         return tokens
 
     def _prefill_group(self, embeds: torch.Tensor, slots: list[int]) -> list[int]:

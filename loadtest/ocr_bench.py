@@ -1,0 +1,255 @@
+"""OCR throughput: the continuous-batching engine behind WebSockets vs. transformers' generate.
+
+What it measures
+----------------
+A random-weight GOT-OCR2 of the real architecture (``--size mid`` by default: Qwen2 text
+decoder 512 hidden × 8 layers, vocab ~32k, a small vision tower; ``real`` is the published
+size, for GPUs) answers the same OCR requests three ways, in one run on one machine:
+
+* **HF sequential** — ``model.generate(do_sample=False)`` on one image at a time;
+* **HF static batch** — one ``generate`` call on a batch of ``--batch`` images (all prompts have
+  the same length, so there is no padding);
+* **ragws** — the server on loopback, loading the checkpoint from ``--ocr-model`` exactly as
+  ``ragws serve`` does, with C concurrent WebSocket clients, each streaming one request at a
+  time, for C in ``--streams`` (default 1, 4, 16).
+
+Every request uses ``ignore_eos`` and the same ``--max-tokens``, so every way generates the same
+number of tokens. Tokens/s counts generated tokens over wall time, prefill (vision encoder
+included) and all. TTFT is send → first ``token`` frame.
+
+How to read it
+--------------
+Ratios (``vs HF seq``, ``vs HF batch``) compare runs made side by side and carry across
+machines; absolute tokens/s are only this machine's. The static batch is the upper bound of
+what batching without scheduling gets: every sequence starts and ends together, which real
+traffic never does. The server's value is matching it while requests come and go.
+
+Example::
+
+    python loadtest/ocr_bench.py                               # mid size, 1/4/16 streams
+    python loadtest/ocr_bench.py --size real --device cuda --max-tokens 256 --json gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+import msgpack
+import torch
+from aiohttp import web
+from PIL import Image
+
+from ragws.config import Settings
+from ragws.server import create_app
+from ragws.testing.got_tiny import build_got_ocr2, synthetic_images
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cpu_name() -> str:
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.processor() or platform.machine()
+
+
+def load_images(n: int) -> list[Image.Image]:
+    """The fixture crops (real table and title images), then synthetic pages up to ``n``."""
+    images = [
+        Image.open(path).convert("RGB")
+        for name in ("table1.png", "table2.png", "title.png")
+        if (path := FIXTURES / name).is_file()
+    ]
+    images += synthetic_images(max(0, n - len(images)), seed=7)
+    return [images[i % len(images)] for i in range(n)]
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def hf_runs(
+    model_dir: Path,
+    images: list[Image.Image],
+    max_tokens: int,
+    batch: int,
+    sequential: int,
+    device: str,
+) -> dict[str, float]:
+    from transformers import AutoProcessor, GotOcr2ForConditionalGeneration
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = GotOcr2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+
+    def generate(batch_images: list[Image.Image]) -> int:
+        inputs = processor(images=batch_images, format=True, return_tensors="pt").to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,  # the HF side of ignore_eos
+            )
+        return (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
+
+    generate(images[:1])  # warm-up
+    t0 = time.perf_counter()
+    tokens = sum(generate([image]) for image in images[:sequential])
+    seq = tokens / (time.perf_counter() - t0)
+    log(f"HF sequential: {seq:.1f} tok/s over {sequential} requests")
+    t0 = time.perf_counter()
+    tokens = generate(images[:batch])
+    static = tokens / (time.perf_counter() - t0)
+    log(f"HF static batch of {batch}: {static:.1f} tok/s")
+    return {"hf_sequential": seq, "hf_static_batch": static}
+
+
+async def server_run(
+    url: str, images: list[Image.Image], streams: int, requests: int, max_tokens: int
+) -> dict[str, float]:
+    frames = [
+        msgpack.packb(
+            {
+                "type": "ocr",
+                "id": i,
+                "image": png(images[i % len(images)]),
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+            }
+        )
+        for i in range(requests)
+    ]
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    ttft: list[float] = []
+    tokens = 0
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        nonlocal tokens
+        async with http.ws_connect(url, max_msg_size=0) as ws:
+            await ws.receive()  # hello
+            while not queue.empty():
+                i = queue.get_nowait()
+                sent = time.perf_counter()
+                await ws.send_bytes(frames[i])
+                first = True
+                while True:
+                    frame = msgpack.unpackb((await ws.receive()).data)
+                    if frame["type"] == "token" and first:
+                        ttft.append(time.perf_counter() - sent)
+                        first = False
+                    elif frame["type"] == "done":
+                        tokens += frame["usage"]["completion_tokens"]
+                        break
+                    elif frame["type"] == "error":
+                        raise RuntimeError(frame["message"])
+
+    async with aiohttp.ClientSession() as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(streams)))
+        elapsed = time.perf_counter() - t0
+    ttft.sort()
+    return {
+        "streams": streams,
+        "requests": requests,
+        "tokens_per_s": tokens / elapsed,
+        "ttft_p50_ms": 1000 * statistics.median(ttft),
+        "ttft_p95_ms": 1000 * ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))],
+    }
+
+
+async def run_server(args: argparse.Namespace, model_dir: Path, images: list[Image.Image]) -> list:
+    prompt_room = 300 * (args.crop_tiles or 1)
+    settings = Settings(
+        port=0,
+        device=args.device,
+        ocr_model=str(model_dir),
+        ocr_batch_size=max(args.streams),
+        max_model_len=prompt_room + args.max_tokens + 16,
+        layout_preferred_batch_size="1",
+    )
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"ws://127.0.0.1:{port}/ws"
+    results = []
+    try:
+        await server_run(url, images, 1, 1, 4)  # warm-up
+        for streams in args.streams:
+            requests = max(streams, args.sequential) if streams == 1 else streams
+            result = await server_run(url, images, streams, requests, args.max_tokens)
+            log(f"ragws, {streams} streams: {result['tokens_per_s']:.1f} tok/s")
+            results.append(result)
+    finally:
+        await runner.cleanup()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="mid", choices=("tiny", "mid", "real"))
+    parser.add_argument("--model", type=Path, help="use this GOT-OCR2 directory instead")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16, help="HF static batch size")
+    parser.add_argument("--sequential", type=int, default=4, help="HF sequential requests")
+    parser.add_argument(
+        "--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16]
+    )
+    parser.add_argument("--crop-tiles", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or build_got_ocr2(Path(tmp) / args.size, args.size)
+        images = load_images(max(args.batch, max(args.streams)))
+        hf = hf_runs(model_dir, images, args.max_tokens, args.batch, args.sequential, args.device)
+        served = asyncio.run(run_server(args, model_dir, images))
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
+    print(f"\nGOT-OCR2 {args.size} (random weights), {args.max_tokens} tokens/request, {device}")
+    print(f"{'run':<22}{'tok/s':>9}{'vs HF seq':>11}{'vs HF batch':>13}{'TTFT p50':>10}{'p95':>9}")
+    print(f"{'HF sequential':<22}{hf['hf_sequential']:>9.1f}{1.0:>11.2f}")
+    print(f"{f'HF static batch {args.batch}':<22}{hf['hf_static_batch']:>9.1f}")
+    for r in served:
+        print(
+            f"{'ragws ' + str(r['streams']) + ' streams':<22}{r['tokens_per_s']:>9.1f}"
+            f"{r['tokens_per_s'] / hf['hf_sequential']:>11.2f}"
+            f"{r['tokens_per_s'] / hf['hf_static_batch']:>13.2f}"
+            f"{r['ttft_p50_ms']:>8.0f}ms{r['ttft_p95_ms']:>7.0f}ms"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"size": args.size, "device": device, **hf, "ragws": served}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
