@@ -149,6 +149,9 @@ class OnnxLayoutModel:
         options = ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
+        # Idle inference threads must yield the cores to the threads that decode and prepare
+        # the next pages; spinning between calls would starve exactly the overlap that pays.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
