@@ -110,16 +110,30 @@ class WsClient:
         await self.ws.send_bytes(msgpack.packb(frame, use_bin_type=True))
 
     async def recv(self, timeout: float = 60.0) -> dict[str, Any]:
-        msg = await self.ws.receive(timeout=timeout)
+        msg = await asyncio.wait_for(self.ws.receive(), timeout)
         assert msg.type == aiohttp.WSMsgType.BINARY, f"expected a binary frame, got {msg.type}"
         return msgpack.unpackb(msg.data, raw=False)
 
     async def until(self, request_id: Any, *types: str, timeout: float = 60.0) -> dict[str, Any]:
-        """Receive until a frame of one of ``types`` about ``request_id`` arrives."""
+        """Receive until a frame of one of ``types`` about ``request_id`` arrives.
+
+        Frames about other requests are dropped: use :meth:`finish` to follow several."""
         while True:
             frame = await self.recv(timeout)
             if frame.get("id") == request_id and frame["type"] in types:
                 return frame
+
+    async def finish(self, *request_ids: Any) -> dict[Any, list[dict[str, Any]]]:
+        """Every frame of each request, in arrival order, until all have ended."""
+        frames: dict[Any, list[dict[str, Any]]] = {rid: [] for rid in request_ids}
+        open_ids = set(request_ids)
+        while open_ids:
+            frame = await self.recv()
+            if frame.get("id") in frames:
+                frames[frame["id"]].append(frame)
+                if frame["type"] in ("done", "error", "layout"):
+                    open_ids.discard(frame["id"])
+        return frames
 
 
 @pytest.fixture

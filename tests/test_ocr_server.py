@@ -68,18 +68,6 @@ async def ocr_server(start_server, got_tiny_dir, **overrides):
     return await start_server(**{**settings, **overrides})
 
 
-async def gather_frames(client, ids) -> dict:
-    """Every frame per request id, until each request has ended (done or error)."""
-    frames: dict = {rid: [] for rid in ids}
-    open_ids = set(ids)
-    while open_ids:
-        frame = await client.recv()
-        frames[frame["id"]].append(frame)
-        if frame["type"] in ("done", "error"):
-            open_ids.discard(frame["id"])
-    return frames
-
-
 async def test_every_request_matches_generate_alone(
     start_server, connect, got_tiny_dir, images, reference
 ):
@@ -105,7 +93,7 @@ async def test_every_request_matches_generate_alone(
         await client.send(frame)
 
     sender = asyncio.gather(*(send(i, case) for i, case in cases.items()))
-    frames = await gather_frames(client, list(cases))
+    frames = await client.finish(*cases)
     await sender
     reasons = set()
     for i, case in cases.items():
@@ -202,10 +190,10 @@ async def test_over_max_concurrent_is_overloaded(start_server, connect, got_tiny
     client, _ = await connect(server)
     for rid in ("a", "b", "c"):
         await client.send(long_request(rid, images[0], max_tokens=50))
-    assert (await client.until("c", "error"))["code"] == "overloaded"
-    # "b" waits for the only slot and still completes once "a" is done.
-    assert (await client.until("a", "done"))["finish_reason"] == "length"
-    assert (await client.until("b", "done"))["finish_reason"] == "length"
+    frames = await client.finish("a", "b", "c")
+    assert frames["c"][-1]["code"] == "overloaded"
+    # One of "a" and "b" waits for the only slot and still completes after the other.
+    assert [frames[rid][-1]["finish_reason"] for rid in "ab"] == ["length", "length"]
 
 
 @pytest.mark.parametrize(

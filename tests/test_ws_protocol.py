@@ -327,10 +327,10 @@ async def test_max_concurrent_rejects_at_once(start_server, connect, paper_pdf):
     client, _ = await connect(server)
     for rid in ("a", "b", "c"):
         await client.send({"type": "pdf", "id": rid, "pdf": paper_pdf})
-    error = await client.until("c", "error")
-    assert error["code"] == "overloaded"
+    frames = await client.finish("a", "b", "c")
+    assert frames["c"][-1]["code"] == "overloaded"
     for rid in ("a", "b"):
-        assert (await client.until(rid, "done"))["finish_reason"] == "stop"
+        assert frames[rid][-1]["finish_reason"] == "stop"
     # Capacity is back once they finish.
     await client.send({"type": "layout", "id": "d", "image": render_png(paper_pdf, 0)})
     assert (await client.until("d", "layout", "error"))["type"] == "layout"
