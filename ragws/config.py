@@ -65,6 +65,10 @@ class Settings:
     ocr_max_tokens: int = _setting(
         4096, "most tokens one OCR request may generate; larger max_tokens are capped to it"
     )
+    ocr_vision_batch: int = _setting(
+        0,
+        "most image tiles per vision-encoder call; 0 = all of a step's tiles on CUDA, 2 on CPU",
+    )
     ocr_max_prefill_tokens: int = _setting(
         2048,
         "prompt tokens admitted per engine step; bounds how long new requests delay running "
@@ -158,6 +162,7 @@ class Settings:
             )
         _require(1 <= self.ocr_batch_size <= 1024, "ocr_batch_size", self.ocr_batch_size, "1..1024")
         _require(self.max_model_len >= 16, "max_model_len", self.max_model_len, "must be ≥ 16")
+        _require(self.ocr_vision_batch >= 0, "ocr_vision_batch", self.ocr_vision_batch, "≥ 0")
         _require(self.ocr_max_tokens >= 1, "ocr_max_tokens", self.ocr_max_tokens, "must be ≥ 1")
         _require(
             self.ocr_max_prefill_tokens >= 1,

@@ -108,6 +108,7 @@ def _services_ctx(
                     settings.device,
                     num_slots=settings.ocr_batch_size,
                     max_model_len=settings.max_model_len,
+                    vision_batch=settings.ocr_vision_batch,
                 ),
             )
         metrics = Metrics()

@@ -69,7 +69,7 @@ def load_layout_model(spec: str, device: str = "auto", inference_threads: int = 
 
 
 def load_ocr_runner(
-    spec: str, device: str = "auto", *, num_slots: int, max_model_len: int
+    spec: str, device: str = "auto", *, num_slots: int, max_model_len: int, vision_batch: int = 0
 ) -> GotOcr2Runner:
     """Load the OCR model named by ``--ocr-model`` (``got-ocr2`` or a local directory)."""
     from .got_ocr2 import GotOcr2Runner
@@ -79,4 +79,5 @@ def load_ocr_runner(
         device=resolve_device(device, torch_backend=True),
         num_slots=num_slots,
         max_model_len=max_model_len,
+        vision_batch=vision_batch or None,
     )

@@ -125,11 +125,14 @@ class GotOcr2Runner:
         num_slots: int = 16,
         max_model_len: int = 4096,
         kv_budget_bytes: int | None = None,
+        vision_batch: int | None = None,
     ) -> None:
         """Load ``spec`` (``"got-ocr2"`` or a ``save_pretrained`` directory) onto ``device``.
 
         ``num_slots`` caps the sequences decoding at once; with ``kv_budget_bytes`` the slot
         count is further limited to what fits the budget at ``max_model_len`` tokens each.
+        ``vision_batch`` caps the tiles per vision-tower call (None: all of a step's tiles on
+        CUDA, 2 on CPU, where the global-attention layers make large batches slower per tile).
         """
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -140,6 +143,7 @@ class GotOcr2Runner:
         # bf16 is what the checkpoint ships in; CPUs run it slowly (and fp32 is the reference).
         self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.name = HUB_SPEC if spec == HUB_SPEC else Path(spec).resolve().name
+        self.vision_batch = vision_batch or (None if self.device == "cuda" else 2)
         self.model, self.processor = _load(spec, self.dtype, self._torch_device)
         self.tokenizer = self.processor.tokenizer
         self._freeze_tokenizer_settings()
@@ -258,11 +262,16 @@ class GotOcr2Runner:
             backend.no_padding()
 
     def _encode_images(self, seqs: list[Sequence]) -> list[torch.Tensor]:
-        """Vision tower + projector for all sequences' tiles in one call, split per sequence."""
+        """Vision tower + projector for all admitted sequences' tiles, split back per sequence."""
         prompts: list[OcrPrompt] = [seq.image for seq in seqs]
         pixels = torch.cat([p.pixel_values for p in prompts]).to(self._torch_device, self.dtype)
         got = self.model.model
-        features = got.multi_modal_projector(got.vision_tower(pixels).last_hidden_state)
+        features = torch.cat(
+            [
+                got.multi_modal_projector(got.vision_tower(chunk).last_hidden_state)
+                for chunk in pixels.split(self.vision_batch or len(pixels))
+            ]
+        )
         if features.shape[1] != self.image_tokens:
             raise RuntimeError(
                 f"the projector gave {features.shape[1]} tokens per tile, not {self.image_tokens}"
