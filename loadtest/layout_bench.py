@@ -7,7 +7,9 @@ clock starts) go through the same embedded layout model (``OnnxLayoutModel``) tw
 
 * **sequential** — one process, page after page: decode the PNG exactly as the server does
   (``ragws.documents.decode_image``), ``model.prepare``, ``model.predict([x])``. No server,
-  no sockets, no threads of our own: what a script that just runs the model gets.
+  no sockets, no threads of our own: what a script that just runs the model gets. It runs
+  before the servers and again after them, so that a machine whose speed drifts during the
+  benchmark shows it (the two rows disagree; a warning is printed above 10%).
 * **server** — a ragws server on loopback and N clients, each with its own WebSocket and one
   request in flight (send a page, wait for its ``layout`` answer, send the next). Pages are
   handed out round-robin from the same set, so both sides see the same mix of pages. By
@@ -21,18 +23,19 @@ mean pages per model call, taken from the server's ``ragws_layout_batch_size`` h
 How to read it
 --------------
 ``vs seq`` is the run's pages/s divided by the sequential pages/s measured in the same
-invocation on the same machine. Ratios are comparable across machines; absolute pages/s are
-only this machine's. A ratio ≥ 1.0 means the server (WebSocket, msgpack, its thread pools and
-the batcher) costs nothing and its overlap of decoding with inference, or its batching, pays for
-more than its overhead. Latency grows with the number of clients by design: with one request
-per client in flight, p50 ≈ clients / (pages/s) once the model is saturated. ``CPU ms/page`` is
-this process's CPU time (every thread: server, clients, onnxruntime) per page; next to the
-sequential row it shows whether the server spends extra CPU per page (thread spinning,
-oversubscription, protocol overhead) rather than just waiting. ``mean batch`` is the average
-number of pages per model call during the run, and ``model ms/call`` the mean wall time of one
-model call (the server's ``ragws_layout_inference_seconds``; for the sequential row, the time
-in ``predict``): when it is higher in the server than in the sequential loop at the same batch
-size, the model is being slowed down by the threads around it.
+invocation on the same machine (both sequential runs together). Ratios are comparable across
+machines; absolute pages/s are only this machine's. A ratio ≥ 1.0 means the server (WebSocket,
+msgpack, its thread pools and the batcher) costs nothing and its overlap of decoding with
+inference, or its batching, pays for more than its overhead.
+
+Latency grows with the number of clients by design: with one request per client in flight,
+p50 ≈ clients / (pages/s) once the model is saturated. ``mean batch`` is the average number of
+pages per model call during the run, and ``model ms/call`` the mean wall time of one model call
+(the server's ``ragws_layout_inference_seconds``; for the sequential rows, the time in
+``predict``): when it is higher in the server than in the sequential loop at the same batch
+size, the threads around the model are slowing it down. ``CPU ms/page`` is this process's CPU
+time (every thread: server, clients, onnxruntime) per page; above the sequential rows' it means
+extra work per page (thread spinning, oversubscription, protocol overhead), not waiting.
 
 The client side is deliberately light (pre-packed frames, answers only msgpack-unpacked), but
 with an in-process server it shares the event loop, the GIL and the cores with the server; on a
@@ -214,6 +217,7 @@ def run_sequential(
     pages: int | None,
     duration: float | None,
     warmup: int,
+    label: str = "sequential",
 ) -> RunResult:
     """Decode + prepare + predict, one page at a time, in this thread."""
 
@@ -240,7 +244,7 @@ def run_sequential(
         latencies.append((time.perf_counter() - t0) * 1000)
         done += 1
     return RunResult(
-        "sequential",
+        label,
         None,
         done,
         time.perf_counter() - started,
@@ -526,6 +530,24 @@ async def run_servers(
     return results
 
 
+def sequential_reference(baselines: Sequence[RunResult]) -> float | None:
+    """The sequential pages/s the ratios divide by: all sequential pages over their time.
+
+    Warns when the runs before and after the servers disagree by more than 10%: the machine's
+    speed changed during the benchmark (another process, throttling), and so may the ratios.
+    """
+    if not baselines:
+        return None
+    rates = [b.pages_per_s for b in baselines]
+    if len(rates) > 1 and (spread := (max(rates) - min(rates)) / min(rates)) > 0.10:
+        log(
+            f"warning: the sequential runs differ by {100 * spread:.0f}% "
+            f"({', '.join(f'{r:.2f}' for r in rates)} pages/s): the machine's speed drifted, "
+            "ratios are uncertain by about as much; rerun on a quiet machine"
+        )
+    return sum(b.pages for b in baselines) / sum(b.seconds for b in baselines)
+
+
 def parse_clients(text: str) -> list[int]:
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
@@ -608,6 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="load an already running server at this loopback ws:// URL instead of starting one",
     )
     parser.add_argument("--no-sequential", action="store_true", help="skip the sequential baseline")
+    parser.add_argument(
+        "--sequential-once",
+        action="store_true",
+        help="run the sequential baseline only before the servers (default: before and after, "
+        "and the ratios use both, so that a machine whose speed drifts shows it)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser
 
@@ -632,20 +660,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     models = Models()
 
-    results: list[RunResult] = []
-    baseline: RunResult | None = None
-    if not args.no_sequential:
-        log("sequential baseline ...")
-        baseline = run_sequential(
-            models.get(0), pngs, pages=args.pages, duration=args.duration, warmup=args.warmup
+    def sequential(label: str) -> RunResult:
+        log(f"{label} ...")
+        result = run_sequential(
+            models.get(0),
+            pngs,
+            pages=args.pages,
+            duration=args.duration,
+            warmup=args.warmup,
+            label=label,
         )
-        baseline.ratio = 1.0
-        log(f"sequential: {baseline.pages_per_s:.2f} pages/s")
-        results.append(baseline)
-    results += asyncio.run(run_servers(args, models, pngs, args.clients))
-    if baseline is not None:
+        log(f"{label}: {result.pages_per_s:.2f} pages/s")
+        return result
+
+    baselines: list[RunResult] = []
+    if not args.no_sequential:
+        once = args.sequential_once
+        baselines.append(sequential("sequential" if once else "sequential (before)"))
+    servers = asyncio.run(run_servers(args, models, pngs, args.clients))
+    if baselines and not args.sequential_once:
+        baselines.append(sequential("sequential (after)"))
+    results = [baselines[0], *servers, *baselines[1:]] if baselines else servers
+    reference = sequential_reference(baselines)
+    if reference is not None:
         for result in results:
-            result.ratio = result.pages_per_s / baseline.pages_per_s
+            result.ratio = result.pages_per_s / reference
     log(f"done in {time.perf_counter() - started:.0f} s")
 
     print(format_table(results))
@@ -662,6 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "device": models.device,
             },
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "sequential_reference_pages_per_s": None if reference is None else round(reference, 3),
             "results": [r.as_dict() for r in results],
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
