@@ -66,6 +66,7 @@ class LayoutService:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ragws-prep")
         self._pdf = ThreadPoolExecutor(1, thread_name_prefix="ragws-pdf")  # pymupdf: one thread
         self.batcher: DynamicBatcher[LayoutInput, Detections] | None = None
+        self.preferred_batch_size: int | None = None  # configured or measured at start()
 
     async def start(self) -> None:
         preferred = self.settings.preferred_batch_size
@@ -84,6 +85,7 @@ class LayoutService:
             on_batch=self.metrics.observe_layout_batch,
         )
         self.batcher.start()
+        self.preferred_batch_size = preferred
         self.metrics.layout_queue_depth.set_function(self.batcher.queue_depth)
         log.info(
             "layout model %s on %s: max batch %d, preferred batch %d, window %.1f ms",
@@ -208,12 +210,16 @@ class LayoutService:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
-def choose_batch_size(model: LayoutModel, max_batch_size: int, budget_s: float = 8.0) -> int:
+def choose_batch_size(
+    model: LayoutModel, max_batch_size: int, budget_s: float = 8.0, repeats: int = 3
+) -> int:
     """Measure pages/s per batch size on a synthetic page and pick the best.
 
     On a GPU the largest batch wins and is taken without measuring. On a CPU, threads inside one
-    model call already use every core and a larger batch is often slower per page, so this
-    returns the smallest size within 5% of the best measured throughput.
+    model call already use every core and a larger batch is often slower per page. Each size is
+    timed ``repeats`` times and its fastest run counts (other processes only ever slow a run
+    down), and a larger batch is chosen only if it beats every smaller one by more than 10%:
+    a noisy start-up must not pin the server to a batch size that is slower in steady state.
     """
     if model.device != "cpu":
         return max_batch_size
@@ -225,13 +231,17 @@ def choose_batch_size(model: LayoutModel, max_batch_size: int, budget_s: float =
     size = 1
     while size <= max_batch_size and time.monotonic() < deadline:
         batch = [prepared] * size
-        t0 = time.perf_counter()
-        for _ in range(2):
+        fastest = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
             model.predict(batch)
-        rates[size] = 2 * size / (time.perf_counter() - t0)
+            fastest = min(fastest, time.perf_counter() - t0)
+        rates[size] = size / fastest
         size *= 2
-    best = max(rates.values())
-    chosen = min(s for s, rate in rates.items() if rate >= 0.95 * best)
+    chosen = 1
+    for size, rate in sorted(rates.items()):
+        if rate > 1.10 * rates[chosen]:
+            chosen = size
     log.info(
         "layout batch size measured: %s pages/s → preferred %d",
         ", ".join(f"{s}: {r:.1f}" for s, r in rates.items()),

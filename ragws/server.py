@@ -176,6 +176,10 @@ async def health(request: web.Request) -> web.Response:
             "version": __version__,
             "models": services.hello["models"],
             "device": model.device,
+            "layout_batch": {
+                "max": services.settings.layout_batch_size,
+                "preferred": services.layout.preferred_batch_size,
+            },
             "inflight": services.admission.inflight,
             "max_concurrent": services.admission.max_concurrent,
         },

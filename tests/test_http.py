@@ -31,6 +31,7 @@ async def test_health_and_metrics(start_server):
     assert health["status"] == "ok"
     assert health["models"] == {"layout": "embedded", "ocr": None}
     assert health["device"] == "cpu" and health["inflight"] == 0
+    assert health["layout_batch"] == {"max": 16, "preferred": 1}
     for name in (
         "ragws_requests_total",
         "ragws_layout_batch_size",
