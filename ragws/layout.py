@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +51,14 @@ class PdfPlan:
 
 
 class LayoutService:
-    def __init__(self, model: LayoutModel, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        model: LayoutModel,
+        settings: Settings,
+        metrics: Metrics,
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        """``pool`` decodes and preprocesses pages; the server shares it with the OCR service."""
         self.model = model
         self.settings = settings
         self.metrics = metrics
@@ -62,8 +68,7 @@ class LayoutService:
         # A document keeps at most this many pages between render and result, so a long PDF
         # cannot hold hundreds of rendered pages in memory while still filling whole batches.
         self.pages_in_flight = max(8, 2 * settings.layout_batch_size)
-        threads = settings.preprocess_threads or os.cpu_count() or 2
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ragws-prep")
+        self._pool = pool
         self._pdf = ThreadPoolExecutor(1, thread_name_prefix="ragws-pdf")  # pymupdf: one thread
         self.batcher: DynamicBatcher[LayoutInput, Detections] | None = None
         self.preferred_batch_size: int | None = None  # configured or measured at start()
@@ -99,7 +104,6 @@ class LayoutService:
     async def stop(self) -> None:
         if self.batcher is not None:
             await self.batcher.stop()
-        self._pool.shutdown(wait=True, cancel_futures=True)
         self._pdf.shutdown(wait=True, cancel_futures=True)
 
     # --- requests -------------------------------------------------------------------------

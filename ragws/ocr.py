@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,14 @@ class OcrOptions:
 
 
 class OcrService:
-    def __init__(self, runner: StepRunner, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        runner: StepRunner,
+        settings: Settings,
+        metrics: Metrics,
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        """``pool`` decodes images and builds prompts; shared with the layout service."""
         self.runner = runner
         self.settings = settings
         self.metrics = metrics
@@ -48,8 +54,7 @@ class OcrService:
             max_prefill_tokens=settings.ocr_max_prefill_tokens,
             on_step=metrics.observe_ocr_step,
         )
-        threads = settings.preprocess_threads or os.cpu_count() or 2
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ragws-ocr-prep")
+        self._pool = pool
         metrics.kv_slots_total.set(runner.num_slots)
 
     @property
@@ -61,7 +66,6 @@ class OcrService:
 
     async def stop(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def generate(self, image: bytes, options: OcrOptions) -> AsyncIterator[TokenEvent]:
         """Yield text deltas as the engine decodes them; the last event has a finish reason."""

@@ -167,7 +167,6 @@ class OcrEngine:
     def _event(self, seq: Sequence, text: str, reason: FinishReason | None = None) -> TokenEvent:
         return TokenEvent(
             text=text,
-            token_ids=seq.output_ids[-1:],
             finish_reason=reason,
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=len(seq.output_ids),

@@ -32,7 +32,6 @@ class TokenEvent:
     """What the engine tells a request after a step: new text, and whether it is over."""
 
     text: str
-    token_ids: list[int]
     finish_reason: FinishReason | None = None
     error: str | None = None
     prompt_tokens: int = 0

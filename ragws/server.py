@@ -11,10 +11,12 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +114,16 @@ def _services_ctx(
                 ),
             )
         metrics = Metrics()
-        layout = LayoutService(model, settings, metrics)
+        # One pool decodes and preprocesses for both services, so their threads never add up
+        # to more than the cores the setting grants.
+        pool = ThreadPoolExecutor(
+            settings.preprocess_threads or os.cpu_count() or 2, thread_name_prefix="ragws-prep"
+        )
+        layout = LayoutService(model, settings, metrics, pool)
         await layout.start()
         ocr_service = None
         if runner is not None:
-            ocr_service = OcrService(runner, settings, metrics)
+            ocr_service = OcrService(runner, settings, metrics, pool)
             await ocr_service.start()
         app[SERVICES] = Services(
             settings=settings,
@@ -138,6 +145,7 @@ def _services_ctx(
             if ocr_service is not None:
                 await ocr_service.stop()
             await layout.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     return ctx
 

@@ -36,8 +36,7 @@ from ragws.models.doclayout_yolo import (
     letterbox,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-PAPER = FIXTURES / "2310.01889v4.pdf"
+from .conftest import PAPER
 
 DOCSTRUCTBENCH = (
     "title",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,8 +18,7 @@ from ragws.models.layout_onnx import (
     embedded_model_path,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-PAPER = FIXTURES / "2310.01889v4.pdf"
+from .conftest import PAPER
 
 
 @pytest.fixture(scope="module")
