@@ -3,8 +3,9 @@
 What it measures
 ----------------
 A random-weight GOT-OCR2 of the real architecture (``--size mid`` by default: Qwen2 text
-decoder 512 hidden × 8 layers, vocab ~32k, a small vision tower; ``real`` is the published
-size, for GPUs) answers the same OCR requests three ways, in one run on one machine:
+decoder 512 hidden × 8 layers, vocab ~32k, a small windowed vision tower at 1024 px; ``real``
+is the published size, for GPUs) answers the same OCR requests three ways, in one run on one
+machine:
 
 * **HF sequential** — ``model.generate(do_sample=False)`` on one image at a time;
 * **HF static batch** — one ``generate`` call on a batch of ``--batch`` images (all prompts have
@@ -26,7 +27,7 @@ traffic never does. The server's value is matching it while requests come and go
 
 Example::
 
-    python loadtest/ocr_bench.py                               # mid size, 1/4/16 streams
+    python loadtest/ocr_bench.py                      # mid size, 256 tokens, 1/4/16 streams
     python loadtest/ocr_bench.py --size real --device cuda --max-tokens 256 --json gpu.json
 """
 
@@ -216,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", default="mid", choices=("tiny", "mid", "real"))
     parser.add_argument("--model", type=Path, help="use this GOT-OCR2 directory instead")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16, help="HF static batch size")
     parser.add_argument("--sequential", type=int, default=4, help="HF sequential requests")
     parser.add_argument(

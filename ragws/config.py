@@ -62,6 +62,11 @@ class Settings:
     max_model_len: int = _setting(
         4096, "KV-cache length per slot: prompt (image tokens included) plus generated tokens"
     )
+    ocr_kv_cache_mb: float = _setting(
+        0.0,
+        "KV-cache memory budget in MiB; the slot count becomes the smaller of ocr_batch_size "
+        "and the slots of max_model_len tokens that fit; 0 = no budget (ocr_batch_size slots)",
+    )
     ocr_max_tokens: int = _setting(
         4096, "most tokens one OCR request may generate; larger max_tokens are capped to it"
     )
@@ -162,6 +167,7 @@ class Settings:
             )
         _require(1 <= self.ocr_batch_size <= 1024, "ocr_batch_size", self.ocr_batch_size, "1..1024")
         _require(self.max_model_len >= 16, "max_model_len", self.max_model_len, "must be ≥ 16")
+        _require(self.ocr_kv_cache_mb >= 0, "ocr_kv_cache_mb", self.ocr_kv_cache_mb, "≥ 0")
         _require(self.ocr_vision_batch >= 0, "ocr_vision_batch", self.ocr_vision_batch, "≥ 0")
         _require(self.ocr_max_tokens >= 1, "ocr_max_tokens", self.ocr_max_tokens, "must be ≥ 1")
         _require(

@@ -111,6 +111,7 @@ def _services_ctx(
                     num_slots=settings.ocr_batch_size,
                     max_model_len=settings.max_model_len,
                     vision_batch=settings.ocr_vision_batch,
+                    kv_cache_mb=settings.ocr_kv_cache_mb,
                 ),
             )
         metrics = Metrics()
@@ -178,6 +179,14 @@ async def health(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     model = services.layout.model
     healthy = services.ocr is None or services.ocr.engine.healthy
+    ocr = None
+    if services.ocr is not None:
+        runner = services.ocr.runner
+        ocr = {
+            "kv_slots": runner.num_slots,
+            "max_model_len": runner.max_model_len,
+            "kv_cache_mib": round(runner.kv_cache_bytes() / 2**20, 1),
+        }
     return web.json_response(
         {
             "status": "ok" if healthy else "unhealthy",
@@ -188,6 +197,7 @@ async def health(request: web.Request) -> web.Response:
                 "max": services.settings.layout_batch_size,
                 "preferred": services.layout.preferred_batch_size,
             },
+            "ocr": ocr,
             "inflight": services.admission.inflight,
             "max_concurrent": services.admission.max_concurrent,
         },

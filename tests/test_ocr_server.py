@@ -260,3 +260,24 @@ async def test_sse_client_disconnect_cancels(start_server, got_tiny_dir, images)
         resp.close()  # drop the connection mid-stream
     await wait_metric(server, "ragws_kv_slots_used", 0)
     await wait_metric(server, "ragws_inflight_requests", 0)
+
+
+async def test_kv_memory_budget_sizes_the_slots(start_server, connect, got_tiny_dir, images):
+    text = json.loads((got_tiny_dir / "config.json").read_text())["text_config"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    per_slot = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * 4 * 512
+    budget_mb = 2.5 * per_slot / 2**20  # room for two slots and a half: two are made
+    server = await ocr_server(
+        start_server, got_tiny_dir, ocr_batch_size=8, ocr_kv_cache_mb=budget_mb
+    )
+    assert await server.metric("ragws_kv_slots_total") == 2
+    async with aiohttp.ClientSession() as http, http.get(server.url + "/health") as resp:
+        health = await resp.json()
+    assert health["ocr"]["kv_slots"] == 2
+    assert health["ocr"]["kv_cache_mib"] == pytest.approx(2 * per_slot / 2**20, abs=0.1)
+    # Three requests on two slots: the third waits for a slot and still completes.
+    client, _ = await connect(server)
+    for rid in ("a", "b", "c"):
+        await client.send(long_request(rid, images[0], max_tokens=6))
+    frames = await client.finish("a", "b", "c")
+    assert [frames[rid][-1]["finish_reason"] for rid in "abc"] == ["length"] * 3

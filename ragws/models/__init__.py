@@ -69,9 +69,17 @@ def load_layout_model(spec: str, device: str = "auto", inference_threads: int = 
 
 
 def load_ocr_runner(
-    spec: str, device: str = "auto", *, num_slots: int, max_model_len: int, vision_batch: int = 0
+    spec: str,
+    device: str = "auto",
+    *,
+    num_slots: int,
+    max_model_len: int,
+    vision_batch: int = 0,
+    kv_cache_mb: float = 0.0,
 ) -> GotOcr2Runner:
-    """Load the OCR model named by ``--ocr-model`` (``got-ocr2`` or a local directory)."""
+    """Load the OCR model named by ``--ocr-model`` (``got-ocr2`` or a local directory).
+
+    ``kv_cache_mb`` > 0 caps the KV cache at that many MiB (fewer slots if need be)."""
     from .got_ocr2 import GotOcr2Runner
 
     return GotOcr2Runner(
@@ -80,4 +88,5 @@ def load_ocr_runner(
         num_slots=num_slots,
         max_model_len=max_model_len,
         vision_batch=vision_batch or None,
+        kv_budget_bytes=int(kv_cache_mb * 2**20) if kv_cache_mb > 0 else None,
     )
