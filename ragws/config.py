@@ -27,7 +27,7 @@ DEFAULT_CONFIG = Path("config.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEVICES = ("auto", "cpu", "cuda")
 LAYOUT_MODELS = ("embedded", "doclayout-yolo")
-OCR_MODELS = ("none", "got-ocr2")
+OCR_MODELS = ("embedded", "none", "got-ocr2")
 
 
 class ConfigError(ValueError):
@@ -52,9 +52,13 @@ class Settings:
         "the Hugging Face hub), or a local path to a .onnx (PicoDet-style) or .pt (DocLayout-YOLO)",
     )
     ocr_model: str = _setting(
-        "none",
-        "OCR backend: none (disabled), got-ocr2 (stepfun-ai/GOT-OCR-2.0-hf from the Hugging Face "
-        "hub), or a local GOT-OCR2 directory written by save_pretrained",
+        "embedded",
+        "OCR backend: embedded (PP-OCRv6 from the rapidocr wheel, ONNX, offline), got-ocr2 "
+        "(stepfun-ai/GOT-OCR-2.0-hf from the Hugging Face hub), a local GOT-OCR2 directory "
+        "written by save_pretrained, or none (OCR disabled)",
+    )
+    ocr_line_batch_size: int = _setting(
+        32, "embedded OCR: most text lines per recognition batch (lines of all requests)"
     )
     ocr_batch_size: int = _setting(
         16, "most OCR sequences decoding at once (KV-cache slots, preallocated)"
@@ -165,6 +169,12 @@ class Settings:
                 self.ocr_model,
                 f"must be one of {', '.join(OCR_MODELS)} or a model directory with config.json",
             )
+        _require(
+            1 <= self.ocr_line_batch_size <= 4096,
+            "ocr_line_batch_size",
+            self.ocr_line_batch_size,
+            "1..4096",
+        )
         _require(1 <= self.ocr_batch_size <= 1024, "ocr_batch_size", self.ocr_batch_size, "1..1024")
         _require(self.max_model_len >= 16, "max_model_len", self.max_model_len, "must be ≥ 16")
         _require(self.ocr_kv_cache_mb >= 0, "ocr_kv_cache_mb", self.ocr_kv_cache_mb, "≥ 0")

@@ -132,5 +132,13 @@ class PdfDocument:
             raise bad_request(f"page {page} cannot be rendered: {exc}") from None
         return np.frombuffer(pix.samples, dtype=np.uint8).reshape(pix.height, pix.width, 3)
 
+    def words(self, page: int) -> list[tuple[float, float, float, float, str, int, int, int]]:
+        """The page's text layer as words: ``(x0, y0, x1, y1, word, block, line, word_no)`` in
+        PDF points (pymupdf's ``get_text("words")``); empty for a scanned page."""
+        try:
+            return self._doc[page].get_text("words", sort=False)
+        except Exception as exc:
+            raise bad_request(f"page {page} text cannot be read: {exc}") from None
+
     def close(self) -> None:
         self._doc.close()

@@ -115,6 +115,23 @@ class LayoutService:
         rgb = await self._run(self._pool, decode_image, data, self.settings.max_image_pixels)
         return await self._detect(rgb, None, conf, iou, started, with_jpeg=False)
 
+    async def detect_array(
+        self, rgb: np.ndarray, page: int | None = None, started: float | None = None
+    ) -> PageLayout:
+        """The layout of an already decoded or rendered RGB page (the parse pipeline's way in)."""
+        started = time.monotonic() if started is None else started
+        return await self._detect(rgb, page, None, None, started, with_jpeg=False)
+
+    async def render_page(self, plan: PdfPlan, page: int, scale: float) -> np.ndarray:
+        """Render one page of an open plan on the PDF thread."""
+        return await self._run(self._pdf, plan.doc.render, page, scale, scale)
+
+    async def page_words(
+        self, plan: PdfPlan, page: int
+    ) -> list[tuple[float, float, float, float, str, int, int, int]]:
+        """The page's text-layer words, in PDF points (PDF thread)."""
+        return await self._run(self._pdf, plan.doc.words, page)
+
     async def open_pdf(self, data: bytes, pages: tuple[int, ...] | None) -> PdfPlan:
         """Open and validate a PDF; errors surface here, before any page frame is sent.
 

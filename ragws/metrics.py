@@ -107,6 +107,52 @@ class Metrics:
             registry=r,
         )
 
+        # Line OCR (the embedded PP-OCR backend).
+        self.ocr_det_batch_size = Histogram(
+            "ragws_ocr_det_batch_size",
+            "Images per text-detection model call",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.ocr_rec_batch_size = Histogram(
+            "ragws_ocr_rec_batch_size",
+            "Text lines per recognition batch (lines of every request share batches)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.ocr_rec_seconds = Histogram(
+            "ragws_ocr_rec_seconds",
+            "Wall time of one recognition batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ocr_lines_total = Counter("ragws_ocr_lines_total", "Text lines recognised", registry=r)
+        self.ocr_batch_failures_total = Counter(
+            "ragws_ocr_batch_failures_total",
+            "Detection or recognition calls that raised",
+            registry=r,
+        )
+        self.parse_pages_total = Counter(
+            "ragws_parse_pages_total",
+            "Pages parsed, by where their text came from",
+            ["source"],
+            registry=r,
+        )
+
+    def observe_ocr_det_batch(self, stats: BatchStats) -> None:
+        if stats.failed:
+            self.ocr_batch_failures_total.inc()
+            return
+        self.ocr_det_batch_size.observe(stats.size)
+
+    def observe_ocr_rec_batch(self, stats: BatchStats) -> None:
+        if stats.failed:
+            self.ocr_batch_failures_total.inc()
+            return
+        self.ocr_rec_batch_size.observe(stats.size)
+        self.ocr_rec_seconds.observe(stats.run_s)
+        self.ocr_lines_total.inc(stats.size)
+
     def observe_ocr_step(self, stats: EngineStats) -> None:
         """Called on the engine thread; prometheus_client metrics are thread-safe."""
         self.ocr_running.set(stats.running)

@@ -13,8 +13,10 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -37,7 +39,44 @@ class OcrOptions:
     ignore_eos: bool = False
 
 
+class OcrBackend(Protocol):
+    """What the session, the HTTP handlers and the parse pipeline need of an OCR backend.
+
+    Implemented by :class:`OcrService` (GOT-OCR2, token streams from the continuous-batching
+    engine) and :class:`~ragws.line_ocr.LineOcrService` (PP-OCR, one event per text line).
+    """
+
+    modes: tuple[str, ...]  # accepted ``mode`` values
+    markup: bool  # whether ``mode="format"`` yields markup (LaTeX, markdown tables)
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(
+        self, image: bytes | np.ndarray, options: OcrOptions
+    ) -> AsyncIterator[TokenEvent]: ...
+
+    async def read_regions(
+        self,
+        rgb: np.ndarray,
+        regions: Seq[tuple[float, float, float, float]],
+        modes: Seq[str],
+    ) -> list[str]: ...
+
+
 class OcrService:
+    """GOT-OCR2 behind the continuous-batching engine (see the module docstring)."""
+
+    modes: tuple[str, ...] = ("format", "plain")
+    markup = True
+
     def __init__(
         self,
         runner: StepRunner,
@@ -61,20 +100,31 @@ class OcrService:
     def name(self) -> str:
         return self.runner.name  # type: ignore[attr-defined]
 
+    @property
+    def healthy(self) -> bool:
+        return self.engine.healthy
+
     async def start(self) -> None:
         self.engine.start()
 
     async def stop(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
 
-    async def generate(self, image: bytes, options: OcrOptions) -> AsyncIterator[TokenEvent]:
-        """Yield text deltas as the engine decodes them; the last event has a finish reason."""
+    async def generate(
+        self, image: bytes | np.ndarray, options: OcrOptions
+    ) -> AsyncIterator[TokenEvent]:
+        """Yield text deltas as the engine decodes them; the last event has a finish reason.
+
+        ``image`` is encoded bytes (decoded on the pool) or an RGB array.
+        """
         if not self.engine.healthy:
             raise RuntimeError("the OCR engine is not running")
         loop = asyncio.get_running_loop()
-        rgb = await loop.run_in_executor(
-            self._pool, decode_image, image, self.settings.max_image_pixels
-        )
+        rgb = image
+        if isinstance(image, bytes):
+            rgb = await loop.run_in_executor(
+                self._pool, decode_image, image, self.settings.max_image_pixels
+            )
         rgb = crop_box(rgb, options.box)
         prompt = await loop.run_in_executor(
             self._pool, lambda: self.runner.prepare(rgb, mode=options.mode, crop=options.crop)
@@ -107,6 +157,28 @@ class OcrService:
         finally:
             if not finished:
                 self.engine.abort(seq.request_id)
+
+    async def read_regions(
+        self,
+        rgb: np.ndarray,
+        regions: Seq[tuple[float, float, float, float]],
+        modes: Seq[str],
+    ) -> list[str]:
+        """The text of each region, every region its own sequence in the running batch."""
+
+        async def one(box: tuple[float, float, float, float], mode: str) -> str:
+            events = self.generate(rgb, OcrOptions(mode=mode, box=box))
+            parts = []
+            try:
+                async for event in events:
+                    if event.error is not None:
+                        raise RuntimeError(f"ocr model failed: {event.error}")
+                    parts.append(event.text)
+            finally:
+                await events.aclose()
+            return "".join(parts)
+
+        return list(await asyncio.gather(*(one(b, m) for b, m in zip(regions, modes, strict=True))))
 
 
 def crop_box(rgb: np.ndarray, box: tuple[float, float, float, float] | None) -> np.ndarray:

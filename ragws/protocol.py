@@ -82,16 +82,32 @@ class OcrRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ParseRequest:
+    id: RequestId
+    document: bytes
+    is_pdf: bool  # sent as "pdf" (else as "image")
+    pages: tuple[int, ...] | None = None  # 0-based; None: every page
+    text: str = "auto"  # where block text comes from: auto, ocr, pdf (see TEXT_SOURCES)
+    chunk_chars: int = 1500  # target size of a RAG chunk
+    scale: float = 2.0  # PDF render scale; bboxes are in the rendered pixels
+    figures: bool = False  # attach each figure's crop as JPEG
+    furniture: bool = False  # keep headers and footers in the markdown and chunks
+
+
+@dataclass(frozen=True, slots=True)
 class CancelRequest:
     id: RequestId
 
 
-Request = LayoutRequest | PdfRequest | OcrRequest | CancelRequest
+Request = LayoutRequest | PdfRequest | OcrRequest | ParseRequest | CancelRequest
 
 # Request types a later version of the server may serve; named so that a client gets
 # "unsupported" (this server cannot) rather than "bad_request" (no server can).
-FUTURE_TYPES = ("parse",)
+FUTURE_TYPES: tuple[str, ...] = ()
 OCR_MODES = ("format", "plain")
+#: auto: the PDF's own text where a region has it, OCR elsewhere; ocr / pdf: only that source.
+TEXT_SOURCES = ("auto", "ocr", "pdf")
+MAX_CHUNK_CHARS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +159,8 @@ def parse_request(frame: Any, limits: Limits) -> Request:
                 crop=_bool(frame, "crop", False),
                 ignore_eos=_bool(frame, "ignore_eos", False),
             )
+        if kind == "parse":
+            return _parse_request(frame, request_id, limits)
         if kind == "cancel":
             return CancelRequest(id=request_id)
     except RequestError as exc:
@@ -155,7 +173,33 @@ def parse_request(frame: Any, limits: Limits) -> Request:
     if kind is None:
         raise bad_request("missing field 'type'", request_id)
     raise bad_request(
-        f"unknown type {kind!r}; expected one of 'layout', 'pdf', 'ocr', 'cancel'", request_id
+        f"unknown type {kind!r}; expected one of 'layout', 'pdf', 'ocr', 'parse', 'cancel'",
+        request_id,
+    )
+
+
+def _parse_request(frame: Mapping[str, Any], request_id: RequestId, limits: Limits) -> ParseRequest:
+    has_pdf, has_image = frame.get("pdf") is not None, frame.get("image") is not None
+    if has_pdf == has_image:
+        raise bad_request("a parse request needs exactly one of the fields 'pdf' and 'image'")
+    text = _choice(frame, "text", TEXT_SOURCES, "auto")
+    if has_image and text == "pdf":
+        raise bad_request("field 'text' is 'pdf' but an image has no text layer")
+    if has_image and frame.get("pages") is not None:
+        raise bad_request("field 'pages' applies to a pdf, not to an image")
+    chunk_chars = _positive_int(frame, "chunk_chars") or 1500
+    if chunk_chars > MAX_CHUNK_CHARS:
+        raise bad_request(f"field 'chunk_chars' must be at most {MAX_CHUNK_CHARS}")
+    return ParseRequest(
+        id=request_id,
+        document=_bytes(frame, "pdf" if has_pdf else "image"),
+        is_pdf=has_pdf,
+        pages=_pages(frame),
+        text=text,
+        chunk_chars=chunk_chars,
+        scale=_scale(frame, limits.max_render_scale),
+        figures=_bool(frame, "figures", False),
+        furniture=_bool(frame, "furniture", False),
     )
 
 
@@ -283,11 +327,20 @@ def encode(frame: Mapping[str, Any]) -> bytes:
     return msgpack.packb(frame, use_bin_type=True)
 
 
-def hello_frame(models: Mapping[str, str | None], limits: Mapping[str, Any]) -> dict[str, Any]:
+def hello_frame(
+    models: Mapping[str, str | None],
+    limits: Mapping[str, Any],
+    *,
+    ocr_modes: tuple[str, ...] = (),
+    ocr_markup: bool = False,
+) -> dict[str, Any]:
+    """``ocr.modes``: the ``mode`` values the OCR backend takes; ``ocr.markup``: whether
+    ``"format"`` yields markup (GOT-OCR2) or the same plain text (line OCR)."""
     return {
         "type": "hello",
         "version": PROTOCOL_VERSION,
         "models": dict(models),
+        "ocr": {"modes": list(ocr_modes), "markup": ocr_markup},
         "limits": dict(limits),
     }
 

@@ -38,6 +38,9 @@ class TokenEvent:
     completion_tokens: int = 0
     first_token_at: float | None = None
     scheduled_at: float | None = None
+    # Line-based backends: where the line is in the image, and the recogniser's confidence.
+    box: tuple[float, float, float, float] | None = None
+    score: float | None = None
 
 
 @dataclass(slots=True, eq=False)

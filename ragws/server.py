@@ -26,10 +26,13 @@ from . import __version__, protocol
 from .admission import Admission
 from .config import Settings
 from .layout import LayoutService, PageLayout
+from .line_ocr import LineOcrService
 from .metrics import CONTENT_TYPE, Metrics
 from .models import LayoutModel, load_layout_model, load_ocr_runner
-from .ocr import OcrOptions, OcrService
+from .models.ppocr import PpOcrModels
+from .ocr import OcrBackend, OcrOptions, OcrService
 from .ocr_engine import StepRunner
+from .parse import ParseService
 from .protocol import ErrorCode, RequestError
 from .sequence import TokenEvent
 from .session import Services, Session
@@ -63,7 +66,7 @@ def create_app(
     settings: Settings,
     *,
     layout_model: LayoutModel | None = None,
-    ocr_runner: StepRunner | None = None,
+    ocr_runner: StepRunner | PpOcrModels | None = None,
 ) -> web.Application:
     """Build the application. The model arguments let an embedding program (or a test suite)
     share models that are already loaded; otherwise the settings name what to load."""
@@ -90,7 +93,9 @@ def create_app(
 
 
 def _services_ctx(
-    settings: Settings, layout_model: LayoutModel | None, ocr_runner: StepRunner | None
+    settings: Settings,
+    layout_model: LayoutModel | None,
+    ocr_runner: StepRunner | PpOcrModels | None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -102,7 +107,11 @@ def _services_ctx(
             settings.inference_threads,
         )
         runner = ocr_runner
-        if runner is None and settings.ocr_model != "none":
+        if runner is None and settings.ocr_model == "embedded":
+            runner = await loop.run_in_executor(
+                None, lambda: PpOcrModels(threads=settings.inference_threads)
+            )
+        elif runner is None and settings.ocr_model != "none":
             runner = await loop.run_in_executor(
                 None,
                 lambda: load_ocr_runner(
@@ -122,9 +131,12 @@ def _services_ctx(
         )
         layout = LayoutService(model, settings, metrics, pool)
         await layout.start()
-        ocr_service = None
-        if runner is not None:
+        ocr_service: OcrBackend | None = None
+        if isinstance(runner, PpOcrModels):
+            ocr_service = LineOcrService(runner, settings, metrics, pool)
+        elif runner is not None:
             ocr_service = OcrService(runner, settings, metrics, pool)
+        if ocr_service is not None:
             await ocr_service.start()
         app[SERVICES] = Services(
             settings=settings,
@@ -134,9 +146,14 @@ def _services_ctx(
             ),
             layout=layout,
             ocr=ocr_service,
+            parse=ParseService(
+                layout, ocr_service, metrics, pool, max_image_pixels=settings.max_image_pixels
+            ),
             hello=protocol.hello_frame(
                 {"layout": model.name, "ocr": ocr_service.name if ocr_service else None},
                 settings.public_limits(),
+                ocr_modes=ocr_service.modes if ocr_service else (),
+                ocr_markup=ocr_service.markup if ocr_service else False,
             ),
             limits=protocol.Limits(max_render_scale=settings.max_render_scale),
         )
@@ -178,15 +195,15 @@ def _peer(request: web.Request) -> str:
 async def health(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     model = services.layout.model
-    healthy = services.ocr is None or services.ocr.engine.healthy
-    ocr = None
+    healthy = services.ocr is None or services.ocr.healthy
+    ocr: dict[str, Any] | None = None
     if services.ocr is not None:
-        runner = services.ocr.runner
-        ocr = {
-            "kv_slots": runner.num_slots,
-            "max_model_len": runner.max_model_len,
-            "kv_cache_mib": round(runner.kv_cache_bytes() / 2**20, 1),
-        }
+        ocr = {"model": services.ocr.name, "healthy": services.ocr.healthy}
+        if isinstance(services.ocr, OcrService):
+            runner = services.ocr.runner
+            ocr["kv_slots"] = runner.num_slots
+            ocr["max_model_len"] = runner.max_model_len
+            ocr["kv_cache_mib"] = round(runner.kv_cache_bytes() / 2**20, 1)
     return web.json_response(
         {
             "status": "ok" if healthy else "unhealthy",

@@ -23,12 +23,14 @@ from .admission import Admission
 from .config import Settings
 from .layout import LayoutService, PageLayout
 from .metrics import Metrics
-from .ocr import OcrOptions, OcrService
+from .ocr import OcrBackend, OcrOptions
+from .parse import ParsedDocument, ParseService
 from .protocol import (
     CancelRequest,
     ErrorCode,
     LayoutRequest,
     OcrRequest,
+    ParseRequest,
     PdfRequest,
     Request,
     RequestError,
@@ -47,7 +49,8 @@ class Services:
     metrics: Metrics
     admission: Admission
     layout: LayoutService
-    ocr: OcrService | None  # None: started with --ocr-model none
+    ocr: OcrBackend | None  # None: started with --ocr-model none
+    parse: ParseService
     hello: dict[str, Any]
     limits: protocol.Limits
 
@@ -63,6 +66,7 @@ class Session:
             LayoutRequest: self._layout,
             PdfRequest: self._pdf,
             OcrRequest: self._ocr,
+            ParseRequest: self._parse,
         }
 
     async def run(self) -> None:
@@ -230,7 +234,11 @@ class Session:
             async for event in events:
                 if event.text:
                     parts.append(event.text)
-                    await self.send({"type": "token", "id": request.id, "text": event.text})
+                    frame: dict[str, Any] = {"type": "token", "id": request.id, "text": event.text}
+                    if event.box is not None:
+                        frame["box"] = [round(v, 2) for v in event.box]
+                        frame["score"] = round(event.score or 0.0, 4)
+                    await self.send(frame)
                 last = event
         finally:
             await events.aclose()
@@ -249,6 +257,16 @@ class Session:
                 timing=ocr_timing(started, last),
             )
         )
+
+    async def _parse(self, request: ParseRequest) -> None:
+        started = time.monotonic()
+        results = self.services.parse.parse(request)
+        async with contextlib.aclosing(results):  # closing cancels the remaining pages
+            async for result in results:
+                if isinstance(result, ParsedDocument):
+                    await self.send(parse_done_frame(request.id, result, started))
+                else:
+                    await self.send(result.to_frame(request.id))
 
     # --- outbound -------------------------------------------------------------------------
 
@@ -290,5 +308,23 @@ def ocr_timing(started: float, last: TokenEvent) -> dict[str, float]:
     }
 
 
+def parse_done_frame(request_id: RequestId, doc: ParsedDocument, started: float) -> dict[str, Any]:
+    """The ``done`` frame of a parse request (also the body of ``POST /parse``)."""
+    elapsed = time.monotonic() - started
+    return protocol.done_frame(
+        request_id,
+        "stop",
+        pages=len(doc.pages),
+        page_count=doc.page_count,
+        markdown=doc.markdown,
+        chunks=[chunk.to_dict() for chunk in doc.chunks],
+        timing={
+            "total_ms": round(elapsed * 1000, 3),
+            "pages_per_s": round(len(doc.pages) / max(elapsed, 1e-9), 3),
+        },
+    )
+
+
 def _type_name(request: Request) -> str:
-    return {LayoutRequest: "layout", PdfRequest: "pdf", OcrRequest: "ocr"}[type(request)]
+    names = {LayoutRequest: "layout", PdfRequest: "pdf", OcrRequest: "ocr", ParseRequest: "parse"}
+    return names[type(request)]

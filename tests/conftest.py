@@ -77,16 +77,30 @@ class Server:
 ServerFactory = Callable[..., "asyncio.Future[Server]"]
 
 
+@pytest.fixture(scope="session")
+def embedded_ocr() -> Any:
+    """The embedded PP-OCR models, loaded once and shared by every test server."""
+    from ragws.models.ppocr import PpOcrModels
+
+    return PpOcrModels()
+
+
 @pytest.fixture
-async def start_server(embedded_model) -> AsyncIterator[Callable[..., Any]]:
+async def start_server(embedded_model, embedded_ocr) -> AsyncIterator[Callable[..., Any]]:
     """Start ragws on a free loopback port; settings override the test defaults."""
     runners: list[web.AppRunner] = []
 
     async def start(model: Any = None, *, load_model: bool = False, **overrides: Any) -> Server:
-        """``load_model`` loads ``layout_model`` from the settings, as ``ragws serve`` does."""
+        """``load_model`` loads the models named by the settings, as ``ragws serve`` does;
+        otherwise the session's embedded layout and OCR models are shared."""
         base = {"port": 0, "layout_preferred_batch_size": "1", "max_wait_ms": 5.0}
         settings = Settings(**{**base, **overrides})
-        app = create_app(settings, layout_model=None if load_model else model or embedded_model)
+        shared_ocr = settings.ocr_model == "embedded" and not load_model
+        app = create_app(
+            settings,
+            layout_model=None if load_model else model or embedded_model,
+            ocr_runner=embedded_ocr if shared_ocr else None,
+        )
         runner = web.AppRunner(app, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

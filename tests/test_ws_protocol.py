@@ -21,7 +21,9 @@ async def test_hello_names_models_and_limits(start_server, connect):
     server = await start_server(max_pages=50)
     _, hello = await connect(server)
     assert hello["version"] == 1
-    assert hello["models"] == {"layout": "embedded", "ocr": None}
+    assert hello["models"] == {"layout": "embedded", "ocr": "embedded"}
+    # Line OCR accepts both modes and has no markup: clients learn it here.
+    assert hello["ocr"] == {"modes": ["format", "plain"], "markup": False}
     assert hello["limits"]["max_pages"] == 50
     for key in ("max_concurrent", "max_frame_bytes", "max_image_pixels", "max_pdf_bytes"):
         assert key in hello["limits"]
@@ -204,7 +206,49 @@ BAD_FRAMES = [
         "bad_request",
         "'pages'",
     ),
-    ("ocr without model", {"type": "ocr", "id": 18, "image": b"x"}, 18, "unsupported", "ocr"),
+    ("ocr of a non-image", {"type": "ocr", "id": 18, "image": b"x"}, 18, "bad_request", "image"),
+    (
+        "parse with pdf and image",
+        {"type": "parse", "id": 19, "pdf": b"%PDF", "image": b"x"},
+        19,
+        "bad_request",
+        "exactly one",
+    ),
+    (
+        "parse of an image from its text layer",
+        {"type": "parse", "id": 20, "image": b"x", "text": "pdf"},
+        20,
+        "bad_request",
+        "no text layer",
+    ),
+    (
+        "parse text source unknown",
+        {"type": "parse", "id": 21, "pdf": b"%PDF", "text": "magic"},
+        21,
+        "bad_request",
+        "'text'",
+    ),
+    (
+        "parse chunk_chars zero",
+        {"type": "parse", "id": 22, "pdf": b"%PDF", "chunk_chars": 0},
+        22,
+        "bad_request",
+        "'chunk_chars'",
+    ),
+    (
+        "parse corrupt pdf",
+        {"type": "parse", "id": 23, "pdf": b"%PDF-1.7 junk"},
+        23,
+        "bad_request",
+        "pdf",
+    ),
+    (
+        "parse corrupt image",
+        {"type": "parse", "id": 24, "image": b"GIF89a"},
+        24,
+        "bad_request",
+        "image",
+    ),
     ("cancel of unknown id", {"type": "cancel", "id": "nope"}, "nope", "bad_request", "in flight"),
 ]
 
@@ -228,6 +272,22 @@ async def test_bad_input_gets_error_and_socket_keeps_serving(
     # The same socket serves its next request.
     await client.send({"type": "layout", "id": "next", "image": render_png(paper_pdf, 0)})
     assert (await client.until("next", "layout", "error"))["type"] == "layout"
+
+
+async def test_ocr_and_parse_without_ocr_model(start_server, connect, paper_pdf):
+    server = await start_server(ocr_model="none")
+    client, hello = await connect(server)
+    assert hello["models"]["ocr"] is None and hello["ocr"]["modes"] == []
+    await client.send({"type": "ocr", "id": 1, "image": render_png(paper_pdf, 0)})
+    error = await client.until(1, "error", "done")
+    assert error["code"] == "unsupported" and "ocr" in error["message"]
+    await client.send({"type": "parse", "id": 2, "pdf": paper_pdf, "pages": [0], "text": "ocr"})
+    error = await client.until(2, "error", "done")
+    assert error["code"] == "unsupported"
+    # From the text layer, parsing needs no OCR model.
+    await client.send({"type": "parse", "id": 3, "pdf": paper_pdf, "pages": [0], "text": "pdf"})
+    done = await client.until(3, "error", "done")
+    assert done["type"] == "done" and "Ring Attention" in done["markdown"]
 
 
 async def test_pdf_page_out_of_range_and_page_cap(start_server, connect, paper_pdf):
