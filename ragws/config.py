@@ -57,6 +57,11 @@ class Settings:
         "(stepfun-ai/GOT-OCR-2.0-hf from the Hugging Face hub), a local GOT-OCR2 directory "
         "written by save_pretrained, or none (OCR disabled)",
     )
+    ocr_det_max_side: int = _setting(
+        960,
+        "embedded OCR: longest image side the text detector sees (PaddleOCR's default); "
+        "0 = rapidocr's rule (shortest side at least 736)",
+    )
     ocr_line_batch_size: int = _setting(
         32, "embedded OCR: most text lines per recognition batch (lines of all requests)"
     )
@@ -82,6 +87,11 @@ class Settings:
         2048,
         "prompt tokens admitted per engine step; bounds how long new requests delay running "
         "streams (one request is always admitted)",
+    )
+    parse_pages_in_flight: int = _setting(
+        4,
+        "pages of one parse request worked on at once: more fill batches better, fewer stream "
+        "the first pages sooner (all requests' pages still share every batch)",
     )
     max_concurrent: int = _setting(
         100, "global cap on in-flight requests; beyond it requests are rejected at once"
@@ -170,10 +180,22 @@ class Settings:
                 f"must be one of {', '.join(OCR_MODELS)} or a model directory with config.json",
             )
         _require(
+            self.ocr_det_max_side == 0 or 64 <= self.ocr_det_max_side <= 8192,
+            "ocr_det_max_side",
+            self.ocr_det_max_side,
+            "0 or 64..8192",
+        )
+        _require(
             1 <= self.ocr_line_batch_size <= 4096,
             "ocr_line_batch_size",
             self.ocr_line_batch_size,
             "1..4096",
+        )
+        _require(
+            1 <= self.parse_pages_in_flight <= 256,
+            "parse_pages_in_flight",
+            self.parse_pages_in_flight,
+            "1..256",
         )
         _require(1 <= self.ocr_batch_size <= 1024, "ocr_batch_size", self.ocr_batch_size, "1..1024")
         _require(self.max_model_len >= 16, "max_model_len", self.max_model_len, "must be ≥ 16")

@@ -26,6 +26,7 @@ request, which withdraws its queued layout pages and OCR lines or sequences.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -112,12 +113,14 @@ class ParseService:
         pool: ThreadPoolExecutor,
         *,
         max_image_pixels: int,
+        pages_in_flight: int = 4,
     ) -> None:
         self.layout = layout
         self.ocr = ocr
         self.metrics = metrics
         self._pool = pool
         self._max_pixels = max_image_pixels
+        self.pages_in_flight = pages_in_flight
 
     async def parse(self, request: ParseRequest) -> AsyncIterator[ParsedPage | ParsedDocument]:
         """Yield each page as it completes (any order), then the whole document."""
@@ -132,9 +135,12 @@ class ParseService:
             plan = await self.layout.open_pdf(request.document, request.pages)
             page_count = plan.doc.page_count
             try:
-                async for page in self._pdf_pages(plan, request):
-                    done.append(page)
-                    yield page
+                # Closed explicitly: an abandoned async generator would keep its page tasks
+                # running until garbage collection.
+                async with contextlib.aclosing(self._pdf_pages(plan, request)) as pages:
+                    async for page in pages:
+                        done.append(page)
+                        yield page
             finally:
                 await self.layout.close_pdf(plan)
         else:
@@ -158,8 +164,9 @@ class ParseService:
 
     async def _pdf_pages(self, plan: PdfPlan, request: ParseRequest) -> AsyncIterator[ParsedPage]:
         # Pages run concurrently so that their layout and OCR work batches, within a window so
-        # that a long document does not hold hundreds of rendered pages at once.
-        window = asyncio.Semaphore(self.layout.pages_in_flight)
+        # that a long document holds few rendered pages at once, and its first pages finish
+        # (and stream) first instead of every page finishing near the end.
+        window = asyncio.Semaphore(self.pages_in_flight)
 
         async def one(page: int) -> ParsedPage:
             async with window:

@@ -32,10 +32,10 @@ from .models import LayoutModel, load_layout_model, load_ocr_runner
 from .models.ppocr import PpOcrModels
 from .ocr import OcrBackend, OcrOptions, OcrService
 from .ocr_engine import StepRunner
-from .parse import ParseService
+from .parse import ParsedDocument, ParsedPage, ParseService
 from .protocol import ErrorCode, RequestError
 from .sequence import TokenEvent
-from .session import Services, Session
+from .session import Services, Session, parse_done_frame
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def create_app(
             web.get("/metrics", metrics),
             web.post("/doc_layout", doc_layout),
             web.post("/ocr", ocr),
+            web.post("/parse", parse),
         ]
     )
     if (static := static_dir()) is not None:
@@ -109,7 +110,10 @@ def _services_ctx(
         runner = ocr_runner
         if runner is None and settings.ocr_model == "embedded":
             runner = await loop.run_in_executor(
-                None, lambda: PpOcrModels(threads=settings.inference_threads)
+                None,
+                lambda: PpOcrModels(
+                    threads=settings.inference_threads, det_max_side=settings.ocr_det_max_side
+                ),
             )
         elif runner is None and settings.ocr_model != "none":
             runner = await loop.run_in_executor(
@@ -147,7 +151,12 @@ def _services_ctx(
             layout=layout,
             ocr=ocr_service,
             parse=ParseService(
-                layout, ocr_service, metrics, pool, max_image_pixels=settings.max_image_pixels
+                layout,
+                ocr_service,
+                metrics,
+                pool,
+                max_image_pixels=settings.max_image_pixels,
+                pages_in_flight=settings.parse_pages_in_flight,
             ),
             hello=protocol.hello_frame(
                 {"layout": model.name, "ocr": ocr_service.name if ocr_service else None},
@@ -304,12 +313,9 @@ async def doc_layout(request: web.Request) -> web.StreamResponse:
         layout = services.layout
         plan = await layout.open_pdf(data, None)
         try:
-            pages = [
-                page
-                async for page in layout.detect_pdf(
-                    plan, scale=(scale_x, scale_y), iou=iou, images=True
-                )
-            ]
+            detected = layout.detect_pdf(plan, scale=(scale_x, scale_y), iou=iou, images=True)
+            async with contextlib.aclosing(detected):  # a disconnect withdraws queued pages
+                pages = [page async for page in detected]
         finally:
             await layout.close_pdf(plan)
         elapsed = time.monotonic() - started
@@ -368,6 +374,104 @@ async def ocr(request: web.Request) -> web.StreamResponse:
     return await _admitted(request, "ocr", serve)
 
 
+async def parse(request: web.Request) -> web.StreamResponse:
+    """``POST /parse``: multipart ``file`` (a PDF or an image) and the fields of a WebSocket
+    ``parse`` request (``pages`` as ``0,2,5``, ``text``, ``chunk_chars``, ``scale``,
+    ``figures``, ``furniture``).
+
+    Answers one JSON object ``{"pages": [...], "markdown", "chunks", "timing", ...}``, or with
+    ``stream=true`` newline-delimited JSON: a ``page`` object as each page completes, then the
+    ``done`` object. Figure crops, when asked for, are base64 strings. A client that
+    disconnects cancels the rest of the work.
+    """
+
+    async def serve() -> web.StreamResponse:
+        services = request.app[SERVICES]
+        form = await _form_fields(request)
+        upload = form.get("file")
+        if upload is None or not hasattr(upload, "file"):
+            raise protocol.bad_request("missing file field 'file' (a PDF or an image)")
+        data = upload.file.read()
+        frame: dict[str, Any] = {"type": "parse", "id": "http"}
+        frame["pdf" if data[:5] == b"%PDF-" else "image"] = data
+        for name in ("text", "pages", "chunk_chars", "scale", "figures", "furniture"):
+            raw = form.get(name)
+            if raw not in (None, ""):
+                frame[name] = _form_value(name, str(raw))
+        parse_request = protocol.parse_request(frame, services.limits)
+        assert isinstance(parse_request, protocol.ParseRequest)
+        started = time.monotonic()
+        results = services.parse.parse(parse_request)
+        async with contextlib.aclosing(results):  # closing cancels the remaining pages
+            if _form_bool(form, "stream"):
+                return await _ndjson(request, results, started)
+            pages: list[dict[str, Any]] = []
+            async for result in results:
+                if isinstance(result, ParsedDocument):
+                    body = parse_done_frame("http", result, started)
+                    for key in ("type", "id", "finish_reason", "pages"):
+                        body.pop(key)  # "pages" is the list of pages here, not their count
+                    pages.sort(key=lambda p: p["page"])
+                    return web.json_response({"pages": pages, **_jsonable(body)})
+                pages.append(_jsonable(_page_body(result.to_frame(None))))
+        raise RuntimeError("the parse pipeline ended without a result")
+
+    return await _admitted(request, "parse", serve)
+
+
+async def _ndjson(
+    request: web.Request,
+    results: AsyncIterator[ParsedPage | ParsedDocument],
+    started: float,
+) -> web.StreamResponse:
+    # The first page is awaited before the headers go out, so that a bad document still gets
+    # a 4xx status rather than a 200 stream that ends at once.
+    first = await anext(results)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    result: ParsedPage | ParsedDocument | None = first
+    while result is not None:
+        if isinstance(result, ParsedDocument):
+            line = parse_done_frame("http", result, started)
+        else:
+            line = result.to_frame("http")
+        await response.write(json.dumps(_jsonable(line), ensure_ascii=False).encode() + b"\n")
+        result = await anext(results, None)
+    await response.write_eof()
+    return response
+
+
+def _page_body(frame: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in frame.items() if k not in ("type", "id")}
+
+
+def _jsonable(value: Any) -> Any:
+    """Frames carry bytes (figure crops) that JSON cannot: base64 them."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _form_value(name: str, raw: str) -> Any:
+    """A form field as the type the WebSocket frame would carry; validation is the frame's."""
+    try:
+        if name == "pages":
+            return [int(p) for p in raw.replace(" ", "").split(",") if p]
+        if name == "chunk_chars":
+            return int(raw)
+        if name == "scale":
+            return float(raw)
+    except ValueError:
+        raise protocol.bad_request(f"field {name!r} is malformed: {raw!r}") from None
+    if name in ("figures", "furniture"):
+        return raw.lower() in ("1", "true", "yes", "on")
+    return raw
+
+
 async def _sse(request: web.Request, events: AsyncIterator[TokenEvent]) -> web.StreamResponse:
     # The first event is awaited before the headers go out, so that a bad image still gets a
     # 400 rather than a 200 stream that ends at once.
@@ -379,7 +483,11 @@ async def _sse(request: web.Request, events: AsyncIterator[TokenEvent]) -> web.S
     event: TokenEvent | None = first
     while event is not None:
         if event.text:
-            data = json.dumps({"token": event.text}, ensure_ascii=False)
+            payload: dict[str, Any] = {"token": event.text}
+            if event.box is not None:  # line OCR: where the line is, and its confidence
+                payload["box"] = [round(v, 2) for v in event.box]
+                payload["score"] = round(event.score or 0.0, 4)
+            data = json.dumps(payload, ensure_ascii=False)
             await response.write(f"data: {data}\n\n".encode())
         if event.finish_reason is not None:
             done = {

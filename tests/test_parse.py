@@ -1,0 +1,243 @@
+"""The parse pipeline end to end: real layout and OCR models, real documents, loopback server.
+
+Quality is measured against the PDF's own text layer: OCR of a region must read what the
+PDF says is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import aiohttp
+import pymupdf
+import pytest
+from rapidfuzz.distance import Levenshtein
+
+from ragws.parse import dehyphenate
+
+from .conftest import render_png
+
+SECTIONS = (
+    "1 Introduction",
+    "2 Large Context Memory Constraint",
+    "3 Ring Attention with Blockwise Parallel Transformers",
+    "4 Setting",
+    "5 Results",
+    "6 Related Work",
+    "7 Conclusion",
+    "References",
+)
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", dehyphenate(text)).strip()
+
+
+def pdf_text_in(page: pymupdf.Page, bbox: list[float], scale: float) -> str:
+    """The text layer's words whose centre lies in ``bbox`` (rendered pixels), line by line."""
+    x0, y0, x1, y1 = (v / scale for v in bbox)
+    lines: dict[tuple[int, int], list[str]] = {}
+    for wx0, wy0, wx1, wy1, word, block, line, _ in page.get_text("words"):
+        if x0 <= (wx0 + wx1) / 2 <= x1 and y0 <= (wy0 + wy1) / 2 <= y1:
+            lines.setdefault((block, line), []).append(word)
+    return "\n".join(" ".join(words) for words in lines.values())
+
+
+async def parse_ws(client, request_id, **fields):
+    await client.send({"type": "parse", "id": request_id, **fields})
+    pages, arrivals = {}, []
+    while True:
+        frame = await client.recv(timeout=300)
+        if frame.get("id") != request_id:
+            continue
+        if frame["type"] == "page":
+            pages[frame["page"]] = frame
+            arrivals.append(asyncio.get_running_loop().time())
+        elif frame["type"] in ("done", "error"):
+            return pages, frame, arrivals
+
+
+async def test_ocr_of_every_region_reads_what_the_text_layer_says(start_server, connect, paper_pdf):
+    server = await start_server()
+    client, _ = await connect(server)
+    pages, done, arrivals = await parse_ws(client, "paper", pdf=paper_pdf, text="ocr")
+    assert done["type"] == "done", done
+    assert sorted(pages) == list(range(16)) and done["pages"] == 16
+    # Pages stream as they complete, not all at the end.
+    assert arrivals[-1] - arrivals[0] > 1.0
+    errors = []
+    with pymupdf.open(stream=paper_pdf, filetype="pdf") as doc:
+        for number, frame in pages.items():
+            assert frame["width"] == round(doc[number].rect.width * 2)
+            blocks = frame["blocks"]
+            assert sorted(b["order"] for b in blocks) == list(range(len(blocks)))
+            for block in blocks:
+                if block["type"] == "figure":
+                    assert block["source"] == "none" and block["text"] == ""
+                    continue
+                assert block["source"] in ("ocr", "none")
+                if block["type"] != "text":
+                    continue
+                reference = normalise(pdf_text_in(doc[number], block["bbox"], 2.0))
+                if len(reference) < 20:
+                    continue
+                hypothesis = normalise(block["text"])
+                errors.append(Levenshtein.distance(reference, hypothesis) / len(reference))
+    assert len(errors) > 40  # the body-text regions of 16 pages
+    cer = sum(errors) / len(errors)
+    print(f"mean CER {cer:.4f} over {len(errors)} body-text regions")
+    assert cer < 0.05, f"mean character error rate {cer:.3f} over {len(errors)} regions"
+    # Every page was read by OCR, and the chunks cover the whole document.
+    assert {frame["source"] for frame in pages.values()} == {"ocr"}
+    covered = {page for chunk in done["chunks"] for page in chunk["pages"]}
+    assert covered == set(range(16))
+    assert await server.metric("ragws_parse_pages_total", {"source": "ocr"}) == 16
+
+
+async def test_text_layer_markdown_has_title_and_sections_in_order(
+    start_server, connect, paper_pdf
+):
+    server = await start_server()
+    client, _ = await connect(server)
+    pages, done, _ = await parse_ws(client, 1, pdf=paper_pdf, chunk_chars=800)
+    assert done["type"] == "done", done
+    markdown = done["markdown"]
+    headings = [line for line in markdown.splitlines() if line.startswith("#")]
+    assert headings[0] == "# Ring Attention with Blockwise Transformers for Near-Infinite Context"
+    positions = [markdown.index(f"## {title}\n") for title in SECTIONS]
+    assert positions == sorted(positions)
+    # "auto": the text layer wherever a region has words; OCR only where it has none.
+    blocks = [(n, b) for n, frame in pages.items() for b in frame["blocks"]]
+    from_pdf = [b for _, b in blocks if b["source"] == "pdf"]
+    assert len(from_pdf) > 0.9 * sum(1 for _, b in blocks if b["type"] != "figure")
+    with pymupdf.open(stream=paper_pdf, filetype="pdf") as doc:
+        for number, block in blocks:
+            if block["source"] == "ocr":
+                assert not pdf_text_in(doc[number], block["bbox"], 2.0).strip()
+    # Chunks: near the target, split on block boundaries, each locating its text.
+    chunks = done["chunks"]
+    assert all(len(c["text"]) <= 800 for c in chunks[:-1] if "\n\n" in c["text"])
+    for chunk in chunks:
+        assert chunk["pages"] == sorted({b["page"] for b in chunk["bboxes"]})
+        for part in chunk["text"].split("\n\n"):
+            assert part in markdown
+    # Headers and footers (page numbers here) are marked in the blocks but left out of the
+    # markdown, unless asked for.
+    furniture = [
+        (n, b["text"])
+        for n, frame in pages.items()
+        for b in frame["blocks"]
+        if b["type"] in ("header", "footer") and b["text"]
+    ]
+    assert len(furniture) >= 10
+    for n, text in furniture:
+        assert f"\n{text}\n" not in f"\n{pages[n]['markdown']}\n"
+    _, with_furniture, _ = await parse_ws(client, 2, pdf=paper_pdf, pages=[3], furniture=True)
+    assert with_furniture["markdown"].endswith(dict(furniture)[3])
+
+
+def two_column_pdf() -> tuple[bytes, list[str]]:
+    """A page with a full-width title, two columns of three paragraphs, and a full-width
+    closing paragraph; returns the PDF and each block's marker word in reading order."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    filler = (
+        "ranks documents by their relevance to the query and keeps the passages that answer "
+        "it, so the model reads less and answers better. "
+    )
+    order = ["Quarterly"]
+    page.insert_textbox(
+        pymupdf.Rect(50, 40, 562, 90), "Quarterly Retrieval Report", fontsize=22, align=1
+    )
+    columns = {"left": (50, 296), "right": (316, 562)}
+    names = {
+        "left": ("Alpha", "Bravo", "Charlie"),
+        "right": ("Delta", "Echo", "Foxtrot"),
+    }
+    for side, (x0, x1) in columns.items():
+        y = 110
+        for name in names[side]:
+            text = f"{name} section. " + filler * 3
+            rect = pymupdf.Rect(x0, y, x1, y + 170)
+            assert page.insert_textbox(rect, text, fontsize=10) >= 0
+            order.append(name)
+            y += 190
+    page.insert_textbox(
+        pymupdf.Rect(50, 690, 562, 760), "Zulu closing remarks. " + filler, fontsize=10
+    )
+    order.append("Zulu")
+    data = doc.tobytes()
+    doc.close()
+    return data, order
+
+
+@pytest.mark.parametrize("text", ["pdf", "ocr"])
+async def test_two_columns_come_out_in_column_order(start_server, connect, text):
+    pdf, expected = two_column_pdf()
+    server = await start_server()
+    client, _ = await connect(server)
+    _, done, _ = await parse_ws(client, text, pdf=pdf, text=text)
+    assert done["type"] == "done", done
+    markdown = done["markdown"]
+    found = [(markdown.find(word), word) for word in expected]
+    assert all(pos >= 0 for pos, _ in found), (found, markdown)
+    assert [word for _, word in sorted(found)] == expected, markdown
+
+
+async def test_image_parse_and_cancel_mid_document(start_server, connect, paper_pdf):
+    server = await start_server()
+    client, _ = await connect(server)
+    # An image is one page, read by OCR.
+    pages, done, _ = await parse_ws(client, "img", image=render_png(paper_pdf, 0, scale=2.0))
+    assert done["type"] == "done" and list(pages) == [0]
+    assert pages[0]["source"] == "ocr"
+    assert "Ring Attention" in done["markdown"]
+    # Cancel a whole-document OCR parse after its first page: the rest of its work stops.
+    await client.send({"type": "parse", "id": "long", "pdf": paper_pdf, "text": "ocr"})
+    first = await client.until("long", "page", "error", "done")
+    assert first["type"] == "page"
+    await client.send({"type": "cancel", "id": "long"})
+    done = await client.until("long", "done")
+    assert done["finish_reason"] == "cancelled"
+    lines = await server.metric("ragws_ocr_lines_total")
+    await asyncio.sleep(1.5)
+    # A recognition batch already running may finish; nothing after it starts.
+    assert await server.metric("ragws_ocr_lines_total") - lines <= 32
+    settled = await server.metric("ragws_ocr_lines_total")
+    await asyncio.sleep(1.0)
+    assert await server.metric("ragws_ocr_lines_total") == settled
+
+
+async def test_http_parse_json_and_ndjson(start_server, paper_pdf):
+    server = await start_server()
+    async with aiohttp.ClientSession() as http:
+        form = aiohttp.FormData()
+        form.add_field("file", paper_pdf, filename="paper.pdf")
+        form.add_field("pages", "0,1")
+        form.add_field("figures", "true")
+        async with http.post(server.url + "/parse", data=form) as resp:
+            assert resp.status == 200, await resp.text()
+            body = await resp.json()
+        assert [p["page"] for p in body["pages"]] == [0, 1]
+        assert "\n# Ring Attention with Blockwise Transformers" in body["markdown"]
+        assert body["page_count"] == 16 and body["chunks"]
+        figures = [b for p in body["pages"] for b in p["blocks"] if b["type"] == "figure"]
+        assert figures and all(b["image"] for b in figures)  # base64 JPEG crops
+
+        form = aiohttp.FormData()
+        form.add_field("file", paper_pdf, filename="paper.pdf")
+        form.add_field("pages", "2, 3")
+        form.add_field("stream", "true")
+        async with http.post(server.url + "/parse", data=form) as resp:
+            assert resp.headers["Content-Type"].startswith("application/x-ndjson")
+            lines = [json.loads(line) for line in (await resp.text()).splitlines()]
+        assert [line["type"] for line in lines] == ["page", "page", "done"]
+        assert sorted(line["page"] for line in lines[:2]) == [2, 3]
+
+        form = aiohttp.FormData()
+        form.add_field("file", b"%PDF-1.7 not really", filename="bad.pdf")
+        async with http.post(server.url + "/parse", data=form) as resp:
+            assert resp.status == 400
+            assert "pdf" in (await resp.json())["message"].lower()
