@@ -92,8 +92,10 @@ def baseline(pdf: Path, pages: int, scale: float) -> dict[str, float]:
     return {"pages_per_s": pages / elapsed, "seconds": elapsed, "lines": lines}
 
 
-async def served(pdf: Path, pages: int, scale: float, clients: int, docs: int) -> dict:
-    app = create_app(Settings(port=0))
+async def served(
+    pdf: Path, pages: int, scale: float, clients: int, docs: int, det_max_side: int
+) -> dict:
+    app = create_app(Settings(port=0, ocr_det_max_side=det_max_side))
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -161,6 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=2.0)
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--docs", type=int, default=1, help="documents parsed by ragws in all")
+    parser.add_argument(
+        "--det-max-side",
+        type=int,
+        default=Settings.ocr_det_max_side,
+        help="the server's --ocr-det-max-side (0: rapidocr's rule, as the baseline)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     if not args.pdf.is_file():
@@ -169,14 +177,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         pages = min(args.pages or doc.page_count, doc.page_count)
 
     base = baseline(args.pdf, pages, args.scale)
-    ours = asyncio.run(served(args.pdf, pages, args.scale, args.clients, args.docs))
+    ours = asyncio.run(
+        served(args.pdf, pages, args.scale, args.clients, args.docs, args.det_max_side)
+    )
     ratio = ours["pages_per_s"] / base["pages_per_s"]
     print(f"\nparse, text=ocr, {pages} pages at scale {args.scale}, {cpu_name()}")
-    print(f"{'run':<34}{'pages/s':>9}{'vs baseline':>13}{'lines':>8}")
-    print(f"{'RapidOCR + layout, page by page':<34}{base['pages_per_s']:>9.3f}{1.0:>13.2f}", end="")
+    print(f"{'run':<40}{'pages/s':>9}{'vs baseline':>13}{'lines':>8}")
+    print(f"{'RapidOCR + layout, page by page':<40}{base['pages_per_s']:>9.3f}{1.0:>13.2f}", end="")
     print(f"{base['lines']:>8}")
-    label = f"ragws parse, {args.clients} client(s)"
-    print(f"{label:<34}{ours['pages_per_s']:>9.3f}{ratio:>13.2f}{ours['lines']:>8.0f}")
+    label = f"ragws parse, {args.clients} client(s), det {args.det_max_side or 'rapidocr'}"
+    print(f"{label:<40}{ours['pages_per_s']:>9.3f}{ratio:>13.2f}{ours['lines']:>8.0f}")
     print(
         f"ragws: first page after {ours['first_page_s']:.2f} s; "
         f"mean recognition batch {ours['mean_rec_batch']:.1f} lines"
