@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -61,6 +62,8 @@ class Session:
         self.services = services
         self.peer = peer
         self.inflight: dict[RequestId, asyncio.Task[None]] = {}
+        self._started: set[asyncio.Task[None]] = set()  # request tasks that began running
+        self._background: set[asyncio.Future[None]] = set()  # sends of the done callbacks
         self._send_lock = asyncio.Lock()
         self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             LayoutRequest: self._layout,
@@ -127,6 +130,7 @@ class Session:
             return
         task = asyncio.create_task(self._serve(request, kind), name=f"{self.peer}:{request.id}")
         self.inflight[request.id] = task
+        task.add_done_callback(functools.partial(self._on_task_done, request.id, kind))
 
     async def _cancel(self, request_id: RequestId) -> None:
         task = self.inflight.get(request_id)
@@ -140,7 +144,25 @@ class Session:
             return
         task.cancel()
 
+    def _on_task_done(self, request_id: RequestId, kind: str, task: asyncio.Task[None]) -> None:
+        """Runs once per admitted request, even for a task cancelled before it ever ran (a
+        cancel frame or a closing socket right behind the request), whose own ``finally``
+        never executes: the admission slot is returned here, and such a request still gets
+        its ``done`` frame."""
+        self.services.admission.release()
+        if self.inflight.get(request_id) is task:
+            del self.inflight[request_id]
+        if task in self._started:
+            self._started.discard(task)
+            return
+        self.services.metrics.requests_total.labels(kind, "cancelled").inc()
+        if not self.ws.closed:
+            sending = asyncio.ensure_future(self.send(protocol.done_frame(request_id, "cancelled")))
+            self._background.add(sending)
+            sending.add_done_callback(self._background.discard)
+
     async def _serve(self, request: Request, kind: str) -> None:
+        self._started.add(asyncio.current_task())  # type: ignore[arg-type]
         started = time.monotonic()
         outcome = "ok"
         try:
@@ -159,8 +181,10 @@ class Session:
                 request.id, RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             )
         finally:
-            self.inflight.pop(request.id, None)
-            self.services.admission.release()
+            # Popped here, with no await between the last frame and this line, so a client
+            # that reuses the id as soon as it sees the end never finds it still in flight.
+            if self.inflight.get(request.id) is asyncio.current_task():
+                del self.inflight[request.id]
             self.services.metrics.requests_total.labels(kind, outcome).inc()
             log.debug(
                 "request %s %s on %s: %s in %.1f ms",

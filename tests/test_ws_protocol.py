@@ -450,3 +450,32 @@ async def test_model_error_fails_only_its_batch(start_server, connect, paper_pdf
     await client.send({"type": "layout", "id": "good", "image": render_png(paper_pdf, 0)})
     assert (await client.until("good", "layout", "error"))["type"] == "layout"
     assert await server.metric("ragws_layout_batch_failures_total") == 1
+
+
+async def test_request_cancelled_or_abandoned_before_it_starts(start_server, connect, paper_pdf):
+    """A cancel right behind its request (often handled before the request's task first runs)
+    still ends it with a done frame; sockets closed right after a request return every
+    admission slot."""
+    server = await start_server(max_concurrent=4)
+    page = render_png(paper_pdf, 0)
+    client, _ = await connect(server)
+    for rid in range(6):
+        request = msgpack.packb({"type": "layout", "id": rid, "image": page})
+        cancel = msgpack.packb({"type": "cancel", "id": rid})
+        await client.ws.send_bytes(request)
+        await client.ws.send_bytes(cancel)
+        frame = await client.until(rid, "done", "layout", "error")
+        assert frame["type"] in ("done", "layout"), frame
+        if frame["type"] == "done":
+            assert frame["finish_reason"] == "cancelled"
+    for rid in range(12):  # three times max_concurrent: a leak would exhaust admission
+        other, _ = await connect(server)
+        await other.ws.send_bytes(msgpack.packb({"type": "layout", "id": rid, "image": page}))
+        await other.ws.close()
+    for _ in range(100):
+        if await server.metric("ragws_inflight_requests") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await server.metric("ragws_inflight_requests") == 0
+    await client.send({"type": "layout", "id": "after", "image": page})
+    assert (await client.until("after", "layout", "error"))["type"] == "layout"
