@@ -37,8 +37,6 @@ import argparse
 import asyncio
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,24 +50,12 @@ import torch
 from aiohttp import web
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import FIXTURES, cpu_name, log
+
 from ragws.config import Settings
 from ragws.server import create_app
 from ragws.testing.got_tiny import build_got_ocr2, synthetic_images
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def cpu_name() -> str:
-    for line in (
-        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    ):
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor() or platform.machine()
 
 
 def load_images(n: int) -> list[Image.Image]:

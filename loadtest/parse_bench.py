@@ -30,8 +30,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -43,22 +41,11 @@ import numpy as np
 import pymupdf
 from aiohttp import web
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import FIXTURES, cpu_name, log
+
 from ragws.config import Settings
 from ragws.server import create_app
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    for line in info.read_text().splitlines() if info.exists() else []:
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor() or platform.machine()
 
 
 def render(doc: pymupdf.Document, page: int, scale: float) -> np.ndarray:
