@@ -79,12 +79,16 @@ class ParsedPage:
     source: str  # where the page's text came from: pdf, ocr, mixed, none
     layout_ms: float = 0.0
     total_ms: float = 0.0
+    pages: int = 1  # pages the request parses, and pages in the document: known from the
+    page_count: int = 1  # first frame on, for placeholders and progress
 
     def to_frame(self, request_id: object) -> dict:
         return {
             "type": "page",
             "id": request_id,
             "page": self.page,
+            "pages": self.pages,
+            "page_count": self.page_count,
             "width": self.width,
             "height": self.height,
             "blocks": [block.to_dict() for block in self.blocks],
@@ -139,6 +143,7 @@ class ParseService:
                 # running until garbage collection.
                 async with contextlib.aclosing(self._pdf_pages(plan, request)) as pages:
                     async for page in pages:
+                        page.pages, page.page_count = len(plan.pages), page_count
                         done.append(page)
                         yield page
             finally:

@@ -9,6 +9,7 @@ of different requests interleave but never tear, and a slow reader slows only it
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -41,6 +42,9 @@ from .sequence import TokenEvent
 
 log = logging.getLogger(__name__)
 
+#: How many ended request ids a session remembers to ignore late cancels for.
+RECENTLY_ENDED = 1024
+
 
 @dataclass(slots=True)
 class Services:
@@ -64,6 +68,9 @@ class Session:
         self.inflight: dict[RequestId, asyncio.Task[None]] = {}
         self._started: set[asyncio.Task[None]] = set()  # request tasks that began running
         self._background: set[asyncio.Future[None]] = set()  # sends of the done callbacks
+        # Ids of requests that ended lately, so that a cancel which crossed the end is ignored
+        # rather than answered with an error about an unknown id.
+        self._recently_ended: collections.OrderedDict[RequestId, None] = collections.OrderedDict()
         self._send_lock = asyncio.Lock()
         self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             LayoutRequest: self._layout,
@@ -134,6 +141,8 @@ class Session:
 
     async def _cancel(self, request_id: RequestId) -> None:
         task = self.inflight.get(request_id)
+        if task is None and request_id in self._recently_ended:
+            return  # the cancel crossed the request's end on the wire: nothing left to stop
         if task is None:
             await self.send_error(
                 request_id,
@@ -152,6 +161,7 @@ class Session:
         self.services.admission.release()
         if self.inflight.get(request_id) is task:
             del self.inflight[request_id]
+            self._remember_ended(request_id)
         if task in self._started:
             self._started.discard(task)
             return
@@ -160,6 +170,12 @@ class Session:
             sending = asyncio.ensure_future(self.send(protocol.done_frame(request_id, "cancelled")))
             self._background.add(sending)
             sending.add_done_callback(self._background.discard)
+
+    def _remember_ended(self, request_id: RequestId) -> None:
+        self._recently_ended[request_id] = None
+        self._recently_ended.move_to_end(request_id)
+        if len(self._recently_ended) > RECENTLY_ENDED:
+            self._recently_ended.popitem(last=False)
 
     async def _serve(self, request: Request, kind: str) -> None:
         self._started.add(asyncio.current_task())  # type: ignore[arg-type]
@@ -185,6 +201,7 @@ class Session:
             # that reuses the id as soon as it sees the end never finds it still in flight.
             if self.inflight.get(request.id) is asyncio.current_task():
                 del self.inflight[request.id]
+                self._remember_ended(request.id)
             self.services.metrics.requests_total.labels(kind, outcome).inc()
             log.debug(
                 "request %s %s on %s: %s in %.1f ms",
@@ -216,6 +233,9 @@ class Session:
         try:
             async for page in pages:
                 frame = {"type": "page", "id": request.id, "page": page.page, **layout_fields(page)}
+                # Known from the first frame on, so a client can lay out placeholders and show
+                # progress before done.
+                frame["pages"], frame["page_count"] = len(plan.pages), plan.doc.page_count
                 if page.jpeg is not None:
                     frame["image"] = page.jpeg
                 await self.send(frame)

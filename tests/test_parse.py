@@ -235,6 +235,7 @@ async def test_http_parse_json_and_ndjson(start_server, paper_pdf):
             lines = [json.loads(line) for line in (await resp.text()).splitlines()]
         assert [line["type"] for line in lines] == ["page", "page", "done"]
         assert sorted(line["page"] for line in lines[:2]) == [2, 3]
+        assert all((line["pages"], line["page_count"]) == (2, 16) for line in lines[:2])
 
         form = aiohttp.FormData()
         form.add_field("file", b"%PDF-1.7 not really", filename="bad.pdf")

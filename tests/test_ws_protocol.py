@@ -479,3 +479,18 @@ async def test_request_cancelled_or_abandoned_before_it_starts(start_server, con
     assert await server.metric("ragws_inflight_requests") == 0
     await client.send({"type": "layout", "id": "after", "image": page})
     assert (await client.until("after", "layout", "error"))["type"] == "layout"
+
+
+async def test_late_cancel_is_ignored_and_pdf_frames_carry_totals(start_server, connect, paper_pdf):
+    server = await start_server()
+    client, _ = await connect(server)
+    await client.send({"type": "pdf", "id": "d", "pdf": paper_pdf, "pages": [0, 3]})
+    frames = (await client.finish("d"))["d"]
+    pages = [f for f in frames if f["type"] == "page"]
+    assert [(f["pages"], f["page_count"]) for f in pages] == [(2, 16), (2, 16)]
+    # The request has ended: a cancel for it is ignored; the next request is answered first.
+    await client.send({"type": "cancel", "id": "d"})
+    await client.send({"type": "layout", "id": "n", "image": render_png(paper_pdf, 0)})
+    assert (await client.recv())["id"] == "n"
+    await client.send({"type": "cancel", "id": "never-sent"})
+    assert (await client.recv())["code"] == "bad_request"

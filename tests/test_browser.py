@@ -1,0 +1,560 @@
+"""The viewer (static/index.html) and the JS client (static/ragws.js) in headless Chromium.
+
+A real server with the real embedded models, a real browser (the system's Chromium, driven by
+Playwright), real clicks. Screenshots of each state go to test-output/browser/. Without
+/usr/bin/chromium the tests skip, except under CI, where a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pymupdf
+import pytest
+
+from .conftest import FIXTURES, PAPER
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "test-output" / "browser"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+TIMEOUT_MS = 60_000
+
+
+def _require_browser() -> None:
+    missing = None
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        missing = "playwright is not installed (pip install -e '.[test]')"
+    if missing is None and not CHROMIUM.is_file():
+        missing = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if missing is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"the browser tests must run under CI: {missing}")
+    pytest.skip(missing)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    _require_browser()
+    from playwright.async_api import async_playwright, expect
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+class Viewer:
+    """A browser page on the server's viewer, with what tests need from it."""
+
+    def __init__(self, page: Any, name: str) -> None:
+        self.page = page
+        self.name = name
+        self.errors: list[str] = []
+        page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
+        page.on(
+            "console",
+            lambda msg: self.errors.append(f"console: {msg.text}") if msg.type == "error" else None,
+        )
+        page.set_default_timeout(TIMEOUT_MS)
+
+    def get(self, testid: str) -> Any:
+        return self.page.get_by_test_id(testid)
+
+    async def shot(self, step: str) -> None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        await self.page.screenshot(path=str(SHOTS / f"{self.name}-{step}.png"), full_page=False)
+
+    async def open(self, url: str) -> None:
+        from playwright.async_api import expect
+
+        await self.page.goto(url + "/")
+        await expect(self.get("conn-state")).to_have_attribute("data-state", "open")
+        await expect(self.get("conn-state")).to_contain_text("layout: embedded")
+
+    async def region_index(self, page: int | None, klass: str, pick: str) -> tuple[int, int]:
+        """(page, data-index) of a region of ``klass``, on ``page`` or on any page when None:
+        the topmost one, or the largest."""
+        return tuple(
+            await self.page.evaluate(
+                """([page, klass, pick]) => {
+                const within = page === null ? ".page" : `.page[data-page="${page}"]`;
+                const regions = [...document.querySelectorAll(
+                    `${within} .region[data-class="${klass}"]`)];
+                const box = (r) => r.dataset.box.split(",").map(Number);
+                const key = pick === "top"
+                    ? (r) => box(r)[1]
+                    : (r) => -(box(r)[2] - box(r)[0]) * (box(r)[3] - box(r)[1]);
+                regions.sort((a, b) => key(a) - key(b));
+                const found = regions[0];
+                return [Number(found.closest(".page").dataset.page), Number(found.dataset.index)];
+            }""",
+                [page, klass, pick],
+            )
+        )
+
+    def region(self, page: int, index: int) -> Any:
+        return self.page.locator(f'.page[data-page="{page}"] .region[data-index="{index}"]')
+
+    async def horizontal_overflow(self) -> int:
+        return await self.page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+
+
+def pdf_pages(pdf: bytes, count: int) -> bytes:
+    """The first ``count`` pages of a PDF, as a new PDF."""
+    with pymupdf.open(stream=pdf, filetype="pdf") as src, pymupdf.open() as out:
+        out.insert_pdf(src, from_page=0, to_page=count - 1)
+        return out.tobytes()
+
+
+async def wait_metric(server: Any, name: str, labels: dict[str, str], value: float) -> float:
+    got = 0.0
+    for _ in range(100):
+        got = await server.metric(name, labels)
+        if got == value:
+            break
+        await asyncio.sleep(0.05)
+    return got
+
+
+async def test_viewer_pages_regions_ocr_stop_parse(start_server, browser, paper_pdf):
+    from playwright.async_api import expect
+
+    server = await start_server(ocr_line_batch_size=1)  # a region's lines stream one by one
+    viewer = Viewer(await browser.new_page(viewport={"width": 1440, "height": 1000}), "desktop")
+    await viewer.open(server.url)
+    await expect(viewer.get("parse-button")).to_be_disabled()
+    await viewer.shot("01-connected")
+
+    # Open the paper: pages appear as they are rendered, with their regions.
+    await viewer.page.set_input_files("#file-input", str(PAPER))
+    first = viewer.page.locator('.page[data-page="0"] .region')
+    await expect(first.first).to_be_attached()
+    assert await first.count() > 5
+    await expect(viewer.get("message")).to_contain_text("16 of 16 pages analysed")
+    await expect(viewer.get("page")).to_have_count(16)
+    assert await viewer.page.eval_on_selector_all(
+        ".page", "pages => pages.map(p => Number(p.dataset.page))"
+    ) == list(range(16))
+    legend = viewer.get("legend-item")
+    classes = await legend.evaluate_all("items => items.map(i => i.dataset.class)")
+    assert {"title", "text", "figure"} <= set(classes), classes
+    await viewer.shot("02-pages")
+
+    # Hiding a class hides its regions; showing it brings them back.
+    titles = viewer.page.locator('.region[data-class="title"]')
+    await legend.filter(has_text="title").get_by_role("checkbox").uncheck()
+    await expect(titles.first).to_be_hidden()
+    await legend.filter(has_text="title").get_by_role("checkbox").check()
+    await expect(titles.first).to_be_visible()
+
+    # The title region: its text streams into the side panel.
+    await viewer.region(*await viewer.region_index(0, "title", "top")).click()
+    await expect(viewer.get("ocr-text")).to_contain_text("Ring Attention")
+    await expect(viewer.get("ocr-status")).to_have_attribute("data-state", "done")
+    await expect(viewer.get("ocr-region")).to_have_text("title on page 1")
+    await viewer.shot("03-ocr-title")
+
+    # A large body-text region, stopped while its lines stream.
+    cancelled = {"type": "ocr", "outcome": "cancelled"}
+    assert await server.metric("ragws_requests_total", cancelled) == 0
+    await viewer.region(*await viewer.region_index(None, "text", "largest")).click()
+    await expect(viewer.get("ocr-text")).not_to_be_empty()
+    await expect(viewer.get("ocr-stop")).to_be_visible()
+    await viewer.get("ocr-stop").click()
+    await expect(viewer.get("ocr-status")).to_have_attribute("data-state", "stopped")
+    await expect(viewer.get("ocr-status")).to_contain_text("Stopped after")
+    await expect(viewer.get("ocr-stop")).to_be_hidden()
+    assert await wait_metric(server, "ragws_requests_total", cancelled, 1) == 1
+    await viewer.shot("04-ocr-stopped")
+
+    # Parse the first two pages: progress per page, then the markdown.
+    await viewer.get("parse-pages").fill("1-2")
+    await viewer.get("parse-button").click()
+    await expect(viewer.get("tab-parse")).to_have_attribute("aria-selected", "true")
+    await expect(viewer.get("parse-page-list").locator("li")).to_have_count(2)
+    await expect(viewer.get("parse-status")).to_have_attribute(
+        "data-state", "done", timeout=120_000
+    )
+    await expect(viewer.page.locator('#parse-page-list li[data-state="done"]')).to_have_count(2)
+    heading = viewer.get("markdown-rendered").locator("h1")
+    await expect(heading).to_contain_text("Ring Attention")
+    assert await viewer.get("markdown-rendered").locator("p").count() > 3
+    await expect(viewer.get("parse-summary")).to_contain_text("chunk")
+    await viewer.shot("05-parsed")
+
+    await viewer.get("view-raw").click()
+    await expect(viewer.get("markdown-raw")).to_be_visible()
+    await expect(viewer.get("markdown-raw")).to_contain_text("# Ring Attention")
+    await expect(viewer.get("markdown-rendered")).to_be_hidden()
+    await viewer.shot("06-parsed-raw")
+
+    async with viewer.page.expect_download() as download_md:
+        await viewer.get("download-md").click()
+    download = await download_md.value
+    assert download.suggested_filename == "2310.01889v4.md"
+    assert "\n# Ring Attention with Blockwise" in Path(await download.path()).read_text()
+    async with viewer.page.expect_download() as download_json:
+        await viewer.get("download-json").click()
+    download = await download_json.value
+    assert download.suggested_filename == "2310.01889v4.json"
+    import json
+
+    body_json = json.loads(Path(await download.path()).read_text())
+    assert [p["page"] for p in body_json["pages"]] == [0, 1]
+    assert body_json["chunks"] and "\n# Ring Attention" in body_json["markdown"]
+
+    # A page range past the end is caught before anything is sent.
+    await viewer.get("parse-pages").fill("15-17")
+    await viewer.get("parse-button").click()
+    await expect(viewer.get("parse-status")).to_have_attribute("data-state", "error")
+    await expect(viewer.get("parse-status")).to_contain_text("16 pages")
+    assert viewer.errors == []
+
+
+async def test_viewer_image_by_drop_and_errors(start_server, browser, tmp_path):
+    """An image dropped on the page: shown, its layout drawn, a region read; a file the
+    server cannot read: its error in plain words."""
+    from playwright.async_api import expect
+
+    table = FIXTURES / "table1.png"
+    if not table.is_file():
+        pytest.skip(f"fixture image missing: {table}")
+    server = await start_server()
+    viewer = Viewer(await browser.new_page(viewport={"width": 1200, "height": 800}), "image")
+    await viewer.open(server.url)
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    await viewer.page.set_input_files("#file-input", str(broken))
+    await expect(viewer.get("error")).to_be_visible()
+    await expect(viewer.get("error")).to_contain_text("Could not analyse broken.png")
+    await expect(viewer.get("error")).to_contain_text("the server could not use this input")
+    await expect(viewer.get("dropzone")).to_be_visible()
+    await expect(viewer.get("parse-button")).to_be_disabled()
+    await viewer.shot("01-bad-image")
+
+    # Drag and drop, as a person would from a file manager.
+    data = base64.b64encode(table.read_bytes()).decode()
+    transfer = await viewer.page.evaluate_handle(
+        """(data) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "table1.png", { type: "image/png" }));
+            return transfer;
+        }""",
+        data,
+    )
+    await viewer.get("pages").dispatch_event("dragenter", {"dataTransfer": transfer})
+    await expect(viewer.page.locator("#drop-overlay")).to_be_visible()
+    await viewer.get("pages").dispatch_event("drop", {"dataTransfer": transfer})
+    await expect(viewer.page.locator("#drop-overlay")).to_be_hidden()
+    await expect(viewer.get("message")).to_contain_text("table1.png: analysed in")
+    await expect(viewer.get("error")).to_be_hidden()
+    await expect(viewer.get("page")).to_have_count(1)
+    classes = await viewer.get("region").evaluate_all("rs => rs.map(r => r.dataset.class)")
+    assert "table" in classes, classes
+    await expect(viewer.get("parse-pages")).to_be_disabled()  # an image is one page
+
+    await viewer.region(*await viewer.region_index(0, "table", "largest")).click()
+    await expect(viewer.get("ocr-status")).to_have_attribute("data-state", "done")
+    await expect(viewer.get("ocr-text")).to_contain_text("Layer Type")
+    await viewer.shot("02-image-ocr")
+
+    await viewer.get("parse-button").click()
+    await expect(viewer.get("parse-status")).to_have_attribute("data-state", "done")
+    await expect(viewer.get("markdown-raw")).to_contain_text("Layer Type")
+    await viewer.shot("03-image-parsed")
+    assert viewer.errors == []
+
+
+async def test_viewer_at_phone_width(start_server, browser, paper_pdf):
+    from playwright.async_api import expect
+
+    server = await start_server()
+    viewer = Viewer(
+        await browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True),
+        "phone",
+    )
+    await viewer.open(server.url)
+    for testid in ("conn-state", "parse-button", "parse-pages", "dropzone"):
+        await expect(viewer.get(testid)).to_be_in_viewport()
+    await expect(viewer.page.locator("#file-label")).to_be_in_viewport()
+    assert await viewer.horizontal_overflow() == 0
+    await viewer.shot("01-empty")
+
+    two_pages = {"name": "paper-2p.pdf", "mimeType": "application/pdf"}
+    two_pages["buffer"] = pdf_pages(paper_pdf, 2)
+    await viewer.page.set_input_files("#file-input", two_pages)
+    await expect(viewer.get("message")).to_contain_text("2 of 2 pages analysed")
+    assert await viewer.page.locator('.page[data-page="0"] .region').count() > 5
+    assert await viewer.horizontal_overflow() == 0
+    await expect(viewer.get("legend")).to_be_visible()
+    await viewer.shot("02-pages")
+
+    await viewer.region(*await viewer.region_index(0, "title", "top")).click()
+    await expect(viewer.get("ocr-text")).to_contain_text("Ring Attention")
+    await expect(viewer.get("ocr-text")).to_be_in_viewport()
+    assert await viewer.horizontal_overflow() == 0
+    await viewer.shot("03-ocr")
+
+    await viewer.get("parse-button").click()
+    await expect(viewer.get("parse-status")).to_have_attribute(
+        "data-state", "done", timeout=120_000
+    )
+    await expect(viewer.get("markdown-rendered").locator("h1")).to_contain_text("Ring Attention")
+    assert await viewer.horizontal_overflow() == 0
+    await viewer.shot("04-parsed")
+    assert viewer.errors == []
+
+
+async def test_viewer_keyboard(start_server, browser, paper_pdf):
+    """Tab reaches the file picker and a page's regions; arrows move; Enter reads a region."""
+    from playwright.async_api import expect
+
+    server = await start_server()
+    viewer = Viewer(await browser.new_page(viewport={"width": 1200, "height": 900}), "keyboard")
+    await viewer.open(server.url)
+    await viewer.page.keyboard.press("Tab")
+    assert await viewer.page.evaluate("document.activeElement.id") == "file-input"
+
+    one_page = {"name": "page1.pdf", "mimeType": "application/pdf"}
+    one_page["buffer"] = pdf_pages(paper_pdf, 1)
+    await viewer.page.set_input_files("#file-input", one_page)
+    await expect(viewer.get("message")).to_contain_text("1 of 1 pages analysed")
+    # One tab stop per page: the first region in reading order (the title, at the top).
+    focusable = viewer.page.locator('.page[data-page="0"] .region[tabindex="0"]')
+    await expect(focusable).to_have_count(1)
+    start = await focusable.get_attribute("data-index")
+    await focusable.focus()
+    await viewer.page.keyboard.press("Enter")
+    await expect(viewer.get("ocr-text")).to_contain_text("Ring Attention")
+    await viewer.page.keyboard.press("ArrowDown")
+    moved = await viewer.page.evaluate("document.activeElement.dataset.index")
+    assert moved is not None and moved != start
+    await expect(focusable).to_have_attribute("data-index", moved)
+    await viewer.shot("01-focus")
+    assert viewer.errors == []
+
+
+JS_CLIENT_ERRORS = """
+async ([pdfBase64, smallServer]) => {
+  const { connect, RagwsError, STATES } = await import("/static/ragws.js");
+  const states = [];
+  const client = connect(undefined, { apiKey: "k 1", onstate: (s) => states.push(s.state) });
+  const hello = await client.opened();
+  const failure = async (promise) => {
+    try { await promise; return { ok: true }; }
+    catch (e) {
+      return { ragws: e instanceof RagwsError, code: e.code, message: e.message, id: e.id };
+    }
+  };
+  const drain = async (stream) => {
+    const out = [];
+    for await (const frame of stream) out.push(frame);
+    return out;
+  };
+
+  const layout = await failure(client.layout(new Uint8Array([1, 2, 3, 4])));
+  const notPdf = client.pdf(new TextEncoder().encode("not a pdf"));
+  const pdfIter = await failure(drain(notPdf));
+  const pdfResult = await failure(notPdf.result);
+  const scale = await failure(client.layout(new Uint8Array([1]), { conf: 7 }));
+
+  // Leaving a for-await loop early cancels the request; its result says so.
+  const pdf = Uint8Array.from(atob(pdfBase64), (c) => c.charCodeAt(0));
+  const pages = client.pdf(pdf, { images: false });
+  let firstPage = null;
+  for await (const page of pages) { firstPage = page; break; }
+  const left = await pages.result;
+
+  // Cancelling a layout rejects it with code "cancelled".
+  const layoutCancel = client.layout(pdf.subarray(0, 10));
+  layoutCancel.cancel();
+  const cancelled = await failure(layoutCancel);
+
+  // A frame over the server's limit fails locally; the socket stays open.
+  const small = connect(smallServer);
+  await small.opened();
+  const tooLarge = await failure(small.layout(new Uint8Array(64 * 1024)));
+  const smallState = small.state;
+  small.close();
+
+  client.close();
+  const afterClose = await failure(client.layout(new Uint8Array([1])));
+  return {
+    STATES, states, url: client.url, hello: hello.type, layout, pdfIter, pdfResult, scale,
+    firstPage: firstPage && { page: firstPage.page, type: firstPage.type },
+    left: left.finish_reason, cancelled, tooLarge, smallState, afterClose,
+  };
+}
+"""
+
+
+async def test_js_client_errors_and_cancel(start_server, browser, paper_pdf):
+    server = await start_server()
+    small = await start_server(max_frame_bytes=4096)
+    viewer = Viewer(await browser.new_page(), "client")
+    await viewer.open(server.url)
+    pdf = base64.b64encode(pdf_pages(paper_pdf, 4)).decode()
+    got = await viewer.page.evaluate(JS_CLIENT_ERRORS, [pdf, small.ws_url])
+
+    assert got["STATES"] == ["connecting", "open", "reconnecting", "closed"]
+    assert got["states"] == ["connecting", "open", "closed"]
+    assert got["url"].endswith("/ws?api_key=k+1")
+    assert got["hello"] == "hello"
+    assert got["layout"]["ragws"] is True
+    assert got["layout"]["code"] == "bad_request"
+    assert got["layout"]["message"]
+    assert got["pdfIter"]["code"] == "bad_request"
+    assert got["pdfResult"]["code"] == "bad_request"
+    assert got["pdfIter"]["id"] == got["pdfResult"]["id"]
+    assert got["scale"]["code"] == "bad_request"
+    assert "conf" in got["scale"]["message"]
+    assert got["firstPage"] == {"page": got["firstPage"]["page"], "type": "page"}
+    assert got["left"] == "cancelled"
+    assert got["cancelled"]["code"] == "cancelled"
+    assert got["tooLarge"]["code"] == "too_large"
+    assert got["smallState"] == "open"
+    assert got["afterClose"]["code"] == "closed"
+    labels = {"type": "pdf", "outcome": "cancelled"}
+    assert await wait_metric(server, "ragws_requests_total", labels, 1) == 1
+    assert viewer.errors == []
+
+
+JS_CLIENT_DROP = """
+async (pdfBase64) => {
+  const { connect } = await import("/static/ragws.js");
+  const pdf = Uint8Array.from(atob(pdfBase64), (c) => c.charCodeAt(0));
+  const t = (window.dropTest = { states: [], pages: 0 });
+  t.client = connect(undefined, {
+    backoff: { initialMs: 200, jitter: 0 },
+    onstate: (s) => t.states.push(s.state),
+  });
+  await t.client.opened();
+  const stream = t.client.pdf(pdf, { scale: 1 });
+  t.outcome = (async () => {
+    try { for await (const page of stream) t.pages += 1; return { ok: true }; }
+    catch (e) { return { code: e.code, message: e.message }; }
+  })();
+}
+"""
+
+JS_CLIENT_AFTER_DROP = """
+async () => {
+  const t = window.dropTest;
+  const outcome = await t.outcome;
+  await t.client.opened();
+  let code = null;
+  try { await t.client.layout(new Uint8Array([1, 2, 3])); } catch (e) { code = e.code; }
+  return { outcome, states: t.states, after: code, state: t.client.state };
+}
+"""
+
+
+async def test_js_client_reconnects_after_a_drop(start_server, browser, paper_pdf):
+    """The socket drops mid-request: the request fails with "disconnected", the client
+    reconnects with backoff, and the new socket serves requests."""
+    server = await start_server()
+    page = await browser.new_page()
+    viewer = Viewer(page, "drop")
+    routes: list[Any] = []
+
+    def route(ws: Any) -> None:
+        ws.connect_to_server()
+        routes.append(ws)
+
+    await viewer.open(server.url)  # the viewer's own socket is not routed
+    await page.route_web_socket(re.compile(r"/ws(\?|$)"), route)
+    pdf = base64.b64encode(paper_pdf).decode()
+    await page.evaluate(JS_CLIENT_DROP, pdf)
+    await page.wait_for_function("window.dropTest.pages >= 1")
+    await routes[0].close(code=4000, reason="dropped by the test")
+    got = await page.evaluate(JS_CLIENT_AFTER_DROP)
+
+    assert got["outcome"]["code"] == "disconnected"
+    assert "dropped by the test" in got["outcome"]["message"]
+    assert got["states"] == ["connecting", "open", "reconnecting", "open"]
+    assert got["state"] == "open"
+    assert got["after"] == "bad_request"  # the new socket answers
+    assert len(routes) == 2
+    assert viewer.errors == []
+
+
+MARKDOWN = r"""# Title <img src=x onerror="window.pwned=1">
+
+A paragraph with <b>tags</b> &amp; entities.
+Second line.
+
+<script>window.pwned = 1</script>
+
+$$
+x^2 < y
+$$
+
+![figure](#page-2-figure-1)
+
+- one
+- two <i>x</i>
+
+| a | b |
+|---|---|
+| 1 | <u>2</u> |
+
+## Next"""
+
+RENDER_MARKDOWN = """
+async (markdown) => {
+  const { renderMarkdown } = await import("/static/markdown.js");
+  const root = document.createElement("article");
+  root.append(renderMarkdown(markdown));
+  document.body.append(root);
+  await new Promise((resolve) => setTimeout(resolve, 100)); // an injected onerror would run
+  return {
+    tags: [...root.children].map((el) => el.tagName.toLowerCase()),
+    injected: root.querySelectorAll("img, script, b, i, u").length,
+    pwned: window.pwned ?? null,
+    h1: root.querySelector("h1").textContent,
+    p: root.querySelector("p").innerText,
+    math: root.querySelector("pre.md-math").textContent,
+    figure: root.querySelector(".md-figure").getAttribute("aria-label"),
+    items: [...root.querySelectorAll("li")].map((li) => li.textContent),
+    cells: [...root.querySelectorAll("td")].map((td) => td.textContent),
+  };
+}
+"""
+
+
+async def test_markdown_renderer_keeps_text_as_text(start_server, browser):
+    server = await start_server()
+    viewer = Viewer(await browser.new_page(), "markdown")
+    await viewer.open(server.url)
+    got = await viewer.page.evaluate(RENDER_MARKDOWN, MARKDOWN)
+    assert got["tags"] == ["h1", "p", "pre", "pre", "div", "ul", "div", "h2"]
+    assert got["injected"] == 0 and got["pwned"] is None
+    assert got["h1"] == 'Title <img src=x onerror="window.pwned=1">'
+    assert got["p"] == "A paragraph with <b>tags</b> &amp; entities.\nSecond line."
+    assert got["math"] == "x^2 < y"
+    assert got["figure"] == "Figure 1 on page 2"
+    assert got["items"] == ["one", "two <i>x</i>"]
+    assert got["cells"] == ["1", "<u>2</u>"]
+    assert viewer.errors == []
