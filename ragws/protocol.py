@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 
+from . import __version__
+
 PROTOCOL_VERSION = 1
 
 RequestId = str | int
@@ -339,6 +341,7 @@ def hello_frame(
     return {
         "type": "hello",
         "version": PROTOCOL_VERSION,
+        "server": f"ragws/{__version__}",
         "models": dict(models),
         "ocr": {"modes": list(ocr_modes), "markup": ocr_markup},
         "limits": dict(limits),

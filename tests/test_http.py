@@ -105,6 +105,18 @@ async def test_viewer_page_and_its_script_are_served(start_server):
         async with http.get(server.url + "/") as resp:
             assert resp.status == 200
             page = await resp.text()
-        assert "/ws" in page and "/static/vendor/msgpack.min.js" in page
+        # Relative paths, so the viewer also works behind a proxy under a prefix.
+        assert 'src="static/vendor/msgpack.min.js"' in page
+        assert 'src="static/viewer.js"' in page
         async with http.get(server.url + "/static/vendor/msgpack.min.js") as resp:
             assert resp.status == 200 and "MessagePack" in await resp.text()
+        modules = {
+            "viewer.js": "import",
+            "ragws.js": "export function connect",
+            "markdown.js": "export",
+        }
+        for script, needle in modules.items():
+            async with http.get(server.url + "/static/" + script) as resp:
+                assert resp.status == 200, script
+                assert "javascript" in resp.headers["Content-Type"], script
+                assert needle in await resp.text(), script
