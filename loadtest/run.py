@@ -346,22 +346,27 @@ def _count(values: Any) -> dict[str, int]:
     return counts
 
 
-def timeline(run: Run, elapsed: float) -> list[dict[str, Any]]:
-    """Per-second buckets of completions (by end time), with the user count at that second."""
+def timeline(run: Run, elapsed: float, window: int) -> list[dict[str, Any]]:
+    """Per-second rows: completions in that second (``rps``, ``failures``, by end time) and,
+    over the trailing ``window`` seconds, the mean rate and the latency and TTFT percentiles
+    (a sparse scenario has seconds without completions; the window keeps the lines readable).
+    """
     seconds = max(1, int(elapsed + 0.999))
     rows = []
     for t in range(seconds):
         ended = [s for s in run.samples if t <= s.end < t + 1]
+        recent = [s for s in run.samples if s.ok and t + 1 - window <= s.end < t + 1]
         ok = [s for s in ended if s.ok]
         users = [u for at, u in run.user_series if at < t + 1][-1]
-        ttfts = [s.ttft for s in ok if s.ttft is not None]
+        ttfts = [s.ttft for s in recent if s.ttft is not None]
         rows.append(
             {
                 "t": t,
                 "rps": len(ok),
                 "failures": len(ended) - len(ok),
-                "p50_ms": ms(pct([s.latency for s in ok], 0.50)),
-                "p95_ms": ms(pct([s.latency for s in ok], 0.95)),
+                "rps_avg": round(len(recent) / min(window, t + 1), 3),
+                "p50_ms": ms(pct([s.latency for s in recent], 0.50)),
+                "p95_ms": ms(pct([s.latency for s in recent], 0.95)),
                 "users": users,
                 "ttft_p50_ms": ms(pct(ttfts, 0.50)),
                 "ttft_p95_ms": ms(pct(ttfts, 0.95)),
@@ -384,21 +389,26 @@ def chart(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> Non
     def series(key: str) -> list[float]:
         return [r[key] if r[key] is not None else float("nan") for r in rows]
 
-    axes[0].plot(t, series("rps"), color="tab:green", label="requests/s")
+    window = summary["window_s"]
+    axes[0].plot(t, series("rps_avg"), color="tab:green", label=f"requests/s ({window} s mean)")
     axes[0].plot(t, series("failures"), color="tab:red", label="failures/s")
     axes[0].set_ylabel("per second")
     axes[0].set_title(
         f"ragws {summary['scenario']}: {summary['users']} users, "
         f"{summary['requests']} requests, {summary['failures']} failures"
     )
-    axes[1].plot(t, series("p50_ms"), color="tab:blue", label="p50")
-    axes[1].plot(t, series("p95_ms"), color="tab:orange", label="p95")
+    axes[1].plot(t, series("p50_ms"), color="tab:blue", label=f"p50 (last {window} s)")
+    axes[1].plot(t, series("p95_ms"), color="tab:orange", label=f"p95 (last {window} s)")
     axes[1].set_ylabel("response time (ms)")
     axes[2].step(t, series("users"), where="post", color="tab:purple", label="users")
     axes[2].set_ylabel("users")
     if with_ttft:
-        axes[3].plot(t, series("ttft_p50_ms"), color="tab:blue", label="TTFT p50")
-        axes[3].plot(t, series("ttft_p95_ms"), color="tab:orange", label="TTFT p95")
+        axes[3].plot(
+            t, series("ttft_p50_ms"), color="tab:blue", label=f"TTFT p50 (last {window} s)"
+        )
+        axes[3].plot(
+            t, series("ttft_p95_ms"), color="tab:orange", label=f"TTFT p95 (last {window} s)"
+        )
         axes[3].set_ylabel("time to first token (ms)")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -430,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text", default="auto", choices=("auto", "ocr", "pdf"), help="parse")
     parser.add_argument("--max-tokens", type=int, default=0, help="ocr: max_tokens (0: server's)")
     parser.add_argument("--cut-tokens", type=int, default=8, help="disconnect: most tokens read")
+    parser.add_argument("--window", type=int, default=5, help="chart smoothing window (s)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -451,9 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run, elapsed, gauges = asyncio.run(go())
     summary = summarize(run, elapsed)
+    summary["window_s"] = args.window
     if gauges is not None:
         summary["server_after"] = gauges
-    rows = timeline(run, elapsed)
+    rows = timeline(run, elapsed, max(1, args.window))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     (args.out / "timeline.json").write_text(json.dumps(rows, indent=1))
     (args.out / "samples.json").write_text(json.dumps([asdict(s) for s in run.samples]))

@@ -44,6 +44,16 @@ class Settings:
 
     host: str = _setting("127.0.0.1", "address to bind; keep loopback unless fronted by a proxy")
     port: int = _setting(7088, "TCP port to listen on")
+    api_key: str = _setting(
+        "",
+        "require this key on every request but /health and the viewer's files "
+        "(Authorization: Bearer KEY, or ?api_key=KEY); empty = no key",
+    )
+    allowed_origins: str = _setting(
+        "",
+        "comma-separated origins whose pages may open WebSockets (e.g. https://app.example); "
+        "the server's own origin always may; * = any",
+    )
     log_level: str = _setting("info", "log verbosity", choices=LOG_LEVELS)
     device: str = _setting("auto", "where models run; auto = cuda when available", choices=DEVICES)
     layout_model: str = _setting(

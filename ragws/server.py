@@ -34,6 +34,7 @@ from .ocr import OcrBackend, OcrOptions, OcrService
 from .ocr_engine import StepRunner
 from .parse import ParsedDocument, ParsedPage, ParseService
 from .protocol import ErrorCode, RequestError
+from .security import security_middleware
 from .sequence import TokenEvent
 from .session import Services, Session, parse_done_frame
 
@@ -70,7 +71,10 @@ def create_app(
 ) -> web.Application:
     """Build the application. The model arguments let an embedding program (or a test suite)
     share models that are already loaded; otherwise the settings name what to load."""
-    app = web.Application(client_max_size=settings.max_pdf_bytes + 1024 * 1024)
+    app = web.Application(
+        client_max_size=settings.max_pdf_bytes + 1024 * 1024,
+        middlewares=[security_middleware(settings.api_key, settings.allowed_origins)],
+    )
     app.cleanup_ctx.append(_services_ctx(settings, layout_model, ocr_runner))
     app.router.add_routes(
         [
