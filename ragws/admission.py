@@ -7,6 +7,8 @@ batchers', and they are bounded by this cap.
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import Counter, Gauge
 
 
@@ -16,19 +18,35 @@ class Admission:
         self.inflight = 0
         self._gauge = inflight
         self._rejected = rejected
+        self.draining = False  # shutting down: admit nothing new
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free; event-loop only, so no lock is needed."""
-        if self.inflight >= self.max_concurrent:
+        if self.draining or self.inflight >= self.max_concurrent:
             self._rejected.inc()
             return False
         self.inflight += 1
+        self._idle.clear()
         self._gauge.set(self.inflight)
         return True
 
     def release(self) -> None:
         self.inflight -= 1
         self._gauge.set(self.inflight)
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is in flight, at most ``timeout`` seconds; True if it came."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def overloaded_message(self) -> str:
+        if self.draining:
+            return "the server is shutting down; retry on another instance"
         return f"server is at capacity ({self.max_concurrent} requests in flight); retry later"

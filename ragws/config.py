@@ -103,6 +103,11 @@ class Settings:
         "pages of one parse request worked on at once: more fill batches better, fewer stream "
         "the first pages sooner (all requests' pages still share every batch)",
     )
+    shutdown_grace_s: float = _setting(
+        30.0,
+        "on SIGTERM/SIGINT, how long running requests may take to finish before they are "
+        "ended with finish_reason 'shutdown'",
+    )
     max_concurrent: int = _setting(
         100, "global cap on in-flight requests; beyond it requests are rejected at once"
     )
@@ -200,6 +205,9 @@ class Settings:
             "ocr_line_batch_size",
             self.ocr_line_batch_size,
             "1..4096",
+        )
+        _require(
+            0 <= self.shutdown_grace_s <= 3600, "shutdown_grace_s", self.shutdown_grace_s, "0..3600"
         )
         _require(
             1 <= self.parse_pages_in_flight <= 256,

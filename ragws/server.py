@@ -549,7 +549,13 @@ def _seed_page(page: PageLayout) -> dict[str, Any]:
 
 
 async def serve_forever(settings: Settings) -> None:
-    """Run until SIGINT or SIGTERM, then clean up (used by ``ragws serve``)."""
+    """Run until SIGINT or SIGTERM, then shut down gracefully (used by ``ragws serve``).
+
+    Shutdown: stop listening; refuse new requests on open sockets (``overloaded``, "shutting
+    down"); give running requests up to ``shutdown_grace_s`` to finish; end the rest with
+    ``done`` / ``finish_reason: "shutdown"`` and close every socket with 1001; then release
+    the models.
+    """
     runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None)
     await runner.setup()  # loads the models; a bad model fails here, before binding
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -566,6 +572,18 @@ async def serve_forever(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
-        log.info("shutting down")
+        services = runner.app[SERVICES]
+        services.admission.draining = True
+        await site.stop()
+        inflight = services.admission.inflight
+        log.info(
+            "shutting down: %d request(s) in flight, up to %.0f s to finish",
+            inflight,
+            settings.shutdown_grace_s,
+        )
+        if not await services.admission.wait_idle(settings.shutdown_grace_s):
+            log.info("grace period over: ending %d request(s)", services.admission.inflight)
+        await asyncio.gather(*(session.shutdown() for session in list(services.sessions)))
     finally:
         await runner.cleanup()
+    log.info("stopped")

@@ -15,10 +15,10 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import protocol
 from .admission import Admission
@@ -58,6 +58,7 @@ class Services:
     parse: ParseService
     hello: dict[str, Any]
     limits: protocol.Limits
+    sessions: set[Session] = field(default_factory=set)  # open sockets, for shutdown
 
 
 class Session:
@@ -67,6 +68,7 @@ class Session:
         self.peer = peer
         self.inflight: dict[RequestId, asyncio.Task[None]] = {}
         self._started: set[asyncio.Task[None]] = set()  # request tasks that began running
+        self.shutting_down = False
         self._background: set[asyncio.Future[None]] = set()  # sends of the done callbacks
         # Ids of requests that ended lately, so that a cancel which crossed the end is ignored
         # rather than answered with an error about an unknown id.
@@ -83,6 +85,7 @@ class Session:
         """Serve the socket until it closes, then cancel whatever is still in flight."""
         metrics = self.services.metrics
         metrics.websocket_connections.inc()
+        self.services.sessions.add(self)
         try:
             await self.send(self.services.hello)
             async for message in self.ws:
@@ -100,11 +103,22 @@ class Session:
                     log.info("socket %s: %s", self.peer, self.ws.exception())
                     break
         finally:
+            self.services.sessions.discard(self)
             metrics.websocket_connections.dec()
             tasks = list(self.inflight.values())
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        """End what is still in flight with ``finish_reason: "shutdown"``, then close the
+        socket with 1001 (going away)."""
+        self.shutting_down = True
+        tasks = list(self.inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
     # --- inbound --------------------------------------------------------------------------
 
@@ -165,9 +179,10 @@ class Session:
         if task in self._started:
             self._started.discard(task)
             return
-        self.services.metrics.requests_total.labels(kind, "cancelled").inc()
+        reason = "shutdown" if self.shutting_down else "cancelled"
+        self.services.metrics.requests_total.labels(kind, reason).inc()
         if not self.ws.closed:
-            sending = asyncio.ensure_future(self.send(protocol.done_frame(request_id, "cancelled")))
+            sending = asyncio.ensure_future(self.send(protocol.done_frame(request_id, reason)))
             self._background.add(sending)
             sending.add_done_callback(self._background.discard)
 
@@ -184,9 +199,9 @@ class Session:
         try:
             await self._handlers[type(request)](request)
         except asyncio.CancelledError:
-            outcome = "cancelled"
-            if not self.ws.closed:  # a client's cancel: tell it the request is over
-                await self.send(protocol.done_frame(request.id, "cancelled"))
+            outcome = "shutdown" if self.shutting_down else "cancelled"
+            if not self.ws.closed:  # a client's cancel, or shutdown: tell it the request is over
+                await self.send(protocol.done_frame(request.id, outcome))
         except RequestError as exc:
             outcome = exc.code.value
             await self.send_error(request.id, exc)

@@ -412,7 +412,8 @@ async ([pdfBase64, smallServer]) => {
 
 async def test_js_client_errors_and_cancel(start_server, browser, paper_pdf):
     server = await start_server()
-    small = await start_server(max_frame_bytes=4096)
+    # A second server on another port: another origin, which it must allow for the page.
+    small = await start_server(max_frame_bytes=4096, allowed_origins=server.url)
     viewer = Viewer(await browser.new_page(), "client")
     await viewer.open(server.url)
     pdf = base64.b64encode(pdf_pages(paper_pdf, 4)).decode()
