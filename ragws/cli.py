@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import ConfigError, env_name, flag_name, load_settings, setting_fields
+from .logs import configure_logging
 
 if TYPE_CHECKING:  # imported late at run time: keeps --help fast
     from tqdm import tqdm
@@ -192,10 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = load_settings(cli, config_path=args.config)
         except ConfigError as exc:
             parser.exit(2, f"ragws: invalid setting: {exc}\n")
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        configure_logging(settings.log_level, settings.log_format)
         from .server import serve_forever  # imported late: keeps --help fast
 
         try:

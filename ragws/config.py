@@ -25,6 +25,7 @@ ENV_PREFIX = "RAGWS_"
 DEFAULT_CONFIG = Path("config.toml")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 DEVICES = ("auto", "cpu", "cuda")
 LAYOUT_MODELS = ("embedded", "doclayout-yolo")
 OCR_MODELS = ("embedded", "none", "got-ocr2")
@@ -55,6 +56,11 @@ class Settings:
         "the server's own origin always may; * = any",
     )
     log_level: str = _setting("info", "log verbosity", choices=LOG_LEVELS)
+    log_format: str = _setting(
+        "text",
+        "log lines as text, or as one JSON object per line (for log collectors)",
+        choices=LOG_FORMATS,
+    )
     device: str = _setting("auto", "where models run; auto = cuda when available", choices=DEVICES)
     layout_model: str = _setting(
         "embedded",
@@ -102,6 +108,12 @@ class Settings:
         4,
         "pages of one parse request worked on at once: more fill batches better, fewer stream "
         "the first pages sooner (all requests' pages still share every batch)",
+    )
+    max_inflight_per_socket: int = _setting(
+        32, "requests one WebSocket may have in flight; beyond it that socket gets overloaded"
+    )
+    idle_timeout_s: float = _setting(
+        300.0, "close a WebSocket with nothing in flight and no frame for this long; 0 = never"
     )
     shutdown_grace_s: float = _setting(
         30.0,
@@ -207,6 +219,13 @@ class Settings:
             "1..4096",
         )
         _require(
+            1 <= self.max_inflight_per_socket <= 100_000,
+            "max_inflight_per_socket",
+            self.max_inflight_per_socket,
+            "1..100000",
+        )
+        _require(self.idle_timeout_s >= 0, "idle_timeout_s", self.idle_timeout_s, "≥ 0")
+        _require(
             0 <= self.shutdown_grace_s <= 3600, "shutdown_grace_s", self.shutdown_grace_s, "0..3600"
         )
         _require(
@@ -237,6 +256,8 @@ class Settings:
         """The limits a client needs to know, as sent in the ``hello`` frame."""
         return {
             "max_concurrent": self.max_concurrent,
+            "max_inflight_per_socket": self.max_inflight_per_socket,
+            "idle_timeout_s": self.idle_timeout_s,
             "max_pages": self.max_pages,
             "max_pdf_bytes": self.max_pdf_bytes,
             "max_frame_bytes": self.max_frame_bytes,

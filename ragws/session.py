@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from . import protocol
 from .admission import Admission
@@ -41,6 +41,8 @@ from .protocol import (
 from .sequence import TokenEvent
 
 log = logging.getLogger(__name__)
+
+_CLOSING = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 
 #: How many ended request ids a session remembers to ignore late cancels for.
 RECENTLY_ENDED = 1024
@@ -88,7 +90,10 @@ class Session:
         self.services.sessions.add(self)
         try:
             await self.send(self.services.hello)
-            async for message in self.ws:
+            while True:
+                message = await self._next_message()
+                if message is None or message.type in _CLOSING:
+                    break
                 if message.type == WSMsgType.BINARY:
                     await self._on_frame(message.data)
                 elif message.type == WSMsgType.TEXT:
@@ -109,6 +114,19 @@ class Session:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _next_message(self) -> WSMessage | None:
+        """The next message, or None once the socket has idled out: nothing in flight and no
+        frame for ``idle_timeout_s`` (a request in flight keeps the socket open)."""
+        idle = self.services.settings.idle_timeout_s or None
+        while True:
+            try:
+                return await self.ws.receive(timeout=idle)
+            except asyncio.TimeoutError:
+                if not self.inflight:
+                    log.info("socket %s: idle for %.0f s, closing", self.peer, idle)
+                    await self.ws.close(code=WSCloseCode.OK, message=b"idle timeout")
+                    return None
 
     async def shutdown(self) -> None:
         """End what is still in flight with ``finish_reason: "shutdown"``, then close the
@@ -134,6 +152,19 @@ class Session:
             return
         if isinstance(request, CancelRequest):
             await self._cancel(request.id)
+            return
+        limit = self.services.settings.max_inflight_per_socket
+        if len(self.inflight) >= limit:
+            kind = _type_name(request)
+            self.services.metrics.requests_total.labels(kind, "overloaded").inc()
+            await self.send_error(
+                request.id,
+                RequestError(
+                    ErrorCode.OVERLOADED,
+                    f"this socket has {limit} requests in flight (max_inflight_per_socket); "
+                    "wait for one to end, or open another socket",
+                ),
+            )
             return
         if request.id in self.inflight:
             await self.send_error(
@@ -218,13 +249,22 @@ class Session:
                 del self.inflight[request.id]
                 self._remember_ended(request.id)
             self.services.metrics.requests_total.labels(kind, outcome).inc()
-            log.debug(
-                "request %s %s on %s: %s in %.1f ms",
+            total_ms = round((time.monotonic() - started) * 1000, 1)
+            log.info(
+                "request %s %r on %s: %s in %.1f ms",
                 kind,
                 request.id,
                 self.peer,
                 outcome,
-                (time.monotonic() - started) * 1000,
+                total_ms,
+                extra={
+                    "event": "request",
+                    "request_id": request.id,
+                    "socket": self.peer,
+                    "type": kind,
+                    "outcome": outcome,
+                    "total_ms": total_ms,
+                },
             )
 
     # --- request types --------------------------------------------------------------------

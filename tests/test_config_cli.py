@@ -142,3 +142,22 @@ def test_invalid_flag_fails_at_start_up_naming_it():
 def test_console_script_is_installed():
     proc = subprocess.run(["ragws", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("ragws ")
+
+
+def test_json_log_lines_carry_request_fields(capsys):
+    import logging
+
+    from ragws.logs import configure_logging
+
+    configure_logging("info", "json")
+    try:
+        logging.getLogger("ragws.session").info(
+            "request layout 'a' on peer: ok in 3.0 ms",
+            extra={"event": "request", "request_id": "a", "type": "layout", "outcome": "ok"},
+        )
+        line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    finally:
+        configure_logging("warning", "text")
+    assert line["event"] == "request" and line["request_id"] == "a"
+    assert line["outcome"] == "ok" and line["level"] == "info"
+    assert line["time"].endswith("Z")

@@ -494,3 +494,35 @@ async def test_late_cancel_is_ignored_and_pdf_frames_carry_totals(start_server, 
     assert (await client.recv())["id"] == "n"
     await client.send({"type": "cancel", "id": "never-sent"})
     assert (await client.recv())["code"] == "bad_request"
+
+
+async def test_per_socket_inflight_cap_and_idle_timeout(start_server, connect, paper_pdf):
+    server = await start_server(max_inflight_per_socket=2, idle_timeout_s=1.0)
+    client, hello = await connect(server)
+    assert hello["limits"]["max_inflight_per_socket"] == 2
+    assert hello["limits"]["idle_timeout_s"] == 1.0
+    page = render_png(paper_pdf, 0)
+    for rid in ("a", "b", "c"):
+        await client.ws.send_bytes(msgpack.packb({"type": "layout", "id": rid, "image": page}))
+    frames = await client.finish("a", "b", "c")
+    assert frames["c"][-1]["code"] == "overloaded" and "socket" in frames["c"][-1]["message"]
+    assert [frames[rid][-1]["type"] for rid in "ab"] == ["layout", "layout"]
+    # Another socket has its own allowance.
+    other, _ = await connect(server)
+    await other.send({"type": "layout", "id": "x", "image": page})
+    assert (await other.until("x", "layout", "error"))["type"] == "layout"
+    # Idle (nothing in flight, no frames): closed by the server after ~1 s.
+    message = await asyncio.wait_for(client.ws.receive(), 5)
+    assert message.type == aiohttp.WSMsgType.CLOSE
+    assert client.ws.close_code == 1000
+
+
+async def test_idle_timeout_spares_a_socket_with_work_in_flight(start_server, connect, paper_pdf):
+    # One line per recognition call: this page's OCR takes several seconds, silent on the
+    # client's side, longer than the idle timeout.
+    server = await start_server(idle_timeout_s=0.5, ocr_line_batch_size=1)
+    client, _ = await connect(server)
+    await client.send({"type": "ocr", "id": "long", "image": render_png(paper_pdf, 1, 2.0)})
+    frames = (await client.finish("long"))["long"]
+    assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "stop"
+    assert len(frames) > 20 and not client.ws.closed
