@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import ipaddress
 import json
 import os
 import platform
@@ -63,13 +62,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import msgpack
 import onnxruntime
 import pymupdf
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import loopback_target
 
 from ragws.config import Settings
 from ragws.documents import decode_image
@@ -273,19 +274,8 @@ class Target:
 
 def urls_for(ws_url: str) -> Target:
     """Check that ``ws_url`` is a loopback WebSocket URL and derive its /metrics URL."""
-    parts = urlsplit(ws_url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise SystemExit(f"--url {ws_url!r}: expected ws://127.0.0.1:PORT/ws")
-    host = parts.hostname
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise SystemExit(f"--url {ws_url!r}: only loopback servers may be loaded (127.0.0.1, ::1)")
-    http_scheme = "https" if parts.scheme == "wss" else "http"
-    metrics = urlunsplit((http_scheme, parts.netloc, "/metrics", "", ""))
-    return Target(ws_url, metrics)
+    target = loopback_target(ws_url)
+    return Target(target.ws_url, target.metrics_url)
 
 
 async def start_server(settings: Settings, model: OnnxLayoutModel) -> tuple[Target, int]:

@@ -583,3 +583,15 @@ def chunk_blocks(
             current.append(piece)
     emit(current)
     return chunks
+
+
+def overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Area of the intersection of two ``[x0, y0, x1, y1]`` boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(0.0, w) * max(0.0, h)
+
+
+def area(box: tuple[float, float, float, float]) -> float:
+    """Area of an ``[x0, y0, x1, y1]`` box (0 when empty)."""
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])

@@ -28,6 +28,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from .assemble import area
 from .batcher import Batched, BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
 from .config import Settings
 from .documents import decode_image
@@ -258,7 +259,3 @@ def split_by_regions(
     if not pieces:
         return np.zeros((0, 4, 2), np.float32), []
     return np.stack(pieces).astype(np.float32), owners
-
-
-def area(box: Box) -> float:
-    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])

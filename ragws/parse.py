@@ -39,9 +39,11 @@ from .assemble import (
     FURNITURE,
     Block,
     Chunk,
+    area,
     chunk_blocks,
     document_markdown,
     normalize_label,
+    overlap,
     page_markdown,
     reading_order,
     title_levels,
@@ -367,13 +369,3 @@ def drop_contained(blocks: list[Block]) -> list[Block]:
         if not inside:
             kept_ids.add(id(block))
     return [b for b in blocks if id(b) in kept_ids]
-
-
-def overlap(a: Box, b: Box) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    return max(0.0, w) * max(0.0, h)
-
-
-def area(box: Box) -> float:
-    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
