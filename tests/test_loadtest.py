@@ -47,7 +47,10 @@ async def test_layout_run_writes_summary_timeline_and_chart(
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-async def test_disconnect_run_leaves_nothing_in_flight(start_server, run_script, tmp_path):
+async def test_disconnect_run_leaves_nothing_in_flight(
+    start_server, paper_pdf, run_script, tmp_path
+):
+    # paper_pdf: the run reads the shared fixtures, so it skips (with a reason) without them.
     server = await start_server(ocr_line_batch_size=4)
     url = server.url.replace("http://", "ws://") + "/ws"
     args = ["disconnect", "--url", url, "--users", "6", "--spawn-rate", "20", "--duration", "60"]
