@@ -92,9 +92,13 @@ async def test_every_request_matches_generate_alone(
             frame["box"] = list(case["box"])
         await client.send(frame)
 
+    # A long stream runs throughout, so every request joins a running batch however fast the
+    # tiny model finishes the short ones (their image preparation can outlast their decoding).
+    await client.send(long_request("bg", images[0], max_tokens=400))
     sender = asyncio.gather(*(send(i, case) for i, case in cases.items()))
-    frames = await client.finish(*cases)
+    frames = await client.finish(*cases, "bg")
     await sender
+    assert frames["bg"][-1]["finish_reason"] == "length"
     reasons = set()
     for i, case in cases.items():
         *tokens, done = frames[i]
