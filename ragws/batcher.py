@@ -13,7 +13,8 @@ passes. The model runs on one dedicated thread, so the event loop never blocks o
 Cancellation is structural: a caller awaits :meth:`DynamicBatcher.submit`; cancelling that
 task cancels the item's future, and the collector skips items whose future is already done.
 So a request whose socket closed never reaches the model, and a result that arrives for a
-cancelled item is dropped.
+cancelled item is dropped. An item taken into a batch disarms its request's deadline
+(:mod:`ragws.deadlines`): from then on the request is being served, not queued.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from . import deadlines
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class _Entry(Generic[In, Out]):
     item: In
     future: asyncio.Future[Batched[Out]]
     enqueued: float  # time.monotonic()
+    deadline: deadlines.Deadline | None  # the submitting request's, if it has one
 
 
 @dataclass(slots=True)
@@ -104,6 +108,7 @@ class DynamicBatcher(Generic[In, Out]):
         self.name = name
         self.on_batch = on_batch
         self._queue: deque[_Entry[In, Out]] = deque()
+        self._running: list[_Entry[In, Out]] = []  # the batch inside the model call
         self._arrived = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
@@ -119,13 +124,15 @@ class DynamicBatcher(Generic[In, Out]):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        while self._queue:
-            entry = self._queue.popleft()
-            if not entry.future.done():
-                entry.future.set_exception(BatcherStopped(f"{self.name} stopped"))
+        self._fail_queued(BatcherStopped(f"{self.name} stopped: the server is shutting down"))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the collector is running (it stops only when told to, or on a fatal error)."""
+        return self._task is not None and not self._task.done()
 
     def queue_depth(self) -> int:
         """Items waiting (cancelled ones included until the collector drops them)."""
@@ -135,21 +142,43 @@ class DynamicBatcher(Generic[In, Out]):
 
     async def submit(self, item: In) -> Batched[Out]:
         """Queue ``item`` and wait for its result. Cancel the caller to withdraw it."""
-        if self._task is None:
+        if not self.healthy:
             raise BatcherStopped(f"{self.name} is not running")
         if len(self._queue) >= self.max_queue_size:
             raise QueueFull(f"{self.name} queue is full ({self.max_queue_size} items)")
         future: asyncio.Future[Batched[Out]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Entry(item, future, time.monotonic()))
+        self._queue.append(_Entry(item, future, time.monotonic(), deadlines.current.get()))
         self._arrived.set()
         return await future
 
     # --- the collector --------------------------------------------------------------------
 
     async def _collect(self) -> None:
+        try:
+            await self._collect_forever()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            # Not a model error (those fail one batch): the collector itself cannot go on.
+            # Nothing queued may wait for it forever, and new items are refused at once.
+            log.critical("%s: the batcher stopped on %r", self.name, exc, exc_info=True)
+            self._fail_queued(BatcherStopped(f"{self.name} failed: {type(exc).__name__}"))
+
+    def _fail_queued(self, error: BaseException) -> None:
+        """Fail every item not yet answered: the running batch's and the queue's."""
+        for entry in self._running:
+            if not entry.future.done():
+                entry.future.set_exception(error)
+        self._running = []
+        while self._queue:
+            entry = self._queue.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(error)
+
+    async def _collect_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
+            batch = self._running = await self._next_batch()
             started = time.monotonic()
             try:
                 outputs = await loop.run_in_executor(
@@ -198,6 +227,8 @@ class DynamicBatcher(Generic[In, Out]):
             entry = self._queue.popleft()
             if not entry.future.done():
                 batch.append(entry)
+                if entry.deadline is not None:
+                    entry.deadline.started()
         return batch
 
     def _report(self, batch: list[_Entry[In, Out]], started: float, *, failed: bool) -> None:

@@ -115,6 +115,21 @@ class Settings:
     idle_timeout_s: float = _setting(
         300.0, "close a WebSocket with nothing in flight and no frame for this long; 0 = never"
     )
+    heartbeat_s: float = _setting(
+        30.0,
+        "ping each WebSocket after this long without a frame from it; a peer that does not "
+        "answer within half of it is disconnected and its requests cancelled; 0 = never",
+    )
+    send_queue_bytes: int = _setting(
+        4 * 1024 * 1024,
+        "bytes a WebSocket may have queued for a client that reads slowly; beyond it that "
+        "socket's streams pause until the client catches up",
+    )
+    send_stall_timeout_s: float = _setting(
+        60.0,
+        "a WebSocket whose send queue stays full this long (its client stopped reading) is "
+        "closed with 1008 and its requests cancelled",
+    )
     shutdown_grace_s: float = _setting(
         30.0,
         "on SIGTERM/SIGINT, how long running requests may take to finish before they are "
@@ -228,6 +243,19 @@ class Settings:
         _require(
             0 <= self.shutdown_grace_s <= 3600, "shutdown_grace_s", self.shutdown_grace_s, "0..3600"
         )
+        _require(0 <= self.heartbeat_s <= 3600, "heartbeat_s", self.heartbeat_s, "0..3600")
+        _require(
+            4096 <= self.send_queue_bytes <= 1024**3,
+            "send_queue_bytes",
+            self.send_queue_bytes,
+            "4096..1073741824",
+        )
+        _require(
+            0 < self.send_stall_timeout_s <= 3600,
+            "send_stall_timeout_s",
+            self.send_stall_timeout_s,
+            "in (0, 3600]",
+        )
         _require(
             1 <= self.parse_pages_in_flight <= 256,
             "parse_pages_in_flight",
@@ -258,6 +286,9 @@ class Settings:
             "max_concurrent": self.max_concurrent,
             "max_inflight_per_socket": self.max_inflight_per_socket,
             "idle_timeout_s": self.idle_timeout_s,
+            "heartbeat_s": self.heartbeat_s,
+            "send_queue_bytes": self.send_queue_bytes,
+            "send_stall_timeout_s": self.send_stall_timeout_s,
             "max_pages": self.max_pages,
             "max_pdf_bytes": self.max_pdf_bytes,
             "max_frame_bytes": self.max_frame_bytes,

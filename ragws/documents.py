@@ -24,16 +24,20 @@ from .protocol import bad_request, too_large
 Image.MAX_IMAGE_PIXELS = None
 pymupdf.TOOLS.mupdf_display_errors(False)  # corrupt input is reported to the client, not stderr
 
+#: The image formats decoded. Pillow's other readers stay off: some hand the bytes to external
+#: programs (EPS to Ghostscript) or parse rarely audited formats, and no page scan needs them.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode image bytes to an ``H×W×3`` RGB array, refusing bombs before decoding."""
     if not data:
         raise bad_request("image is empty")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
         raise bad_request(
-            "image is not in a format that can be decoded (PNG, JPEG, WebP, ...)"
+            "image is not in a format that can be decoded (PNG, JPEG, WebP, TIFF, BMP, GIF)"
         ) from None
     except Exception as exc:
         raise bad_request(f"image header is corrupt: {exc}") from None

@@ -24,6 +24,7 @@ from .documents import PdfDocument, PdfLimits, decode_image, encode_jpeg
 from .metrics import Metrics
 from .models.base import Detections, LayoutInput, LayoutModel
 from .protocol import ErrorCode, RequestError
+from .window import windowed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,6 +102,10 @@ class LayoutService:
             self.settings.max_wait_ms,
         )
 
+    @property
+    def healthy(self) -> bool:
+        return self.batcher is not None and self.batcher.healthy
+
     async def stop(self) -> None:
         if self.batcher is not None:
             await self.batcher.stop()
@@ -144,7 +149,7 @@ class LayoutService:
             await self._run(self._pdf, doc.close)
             raise
 
-    async def detect_pdf(
+    def detect_pdf(
         self,
         plan: PdfPlan,
         *,
@@ -155,26 +160,18 @@ class LayoutService:
     ) -> AsyncIterator[PageLayout]:
         """Yield each selected page's layout as soon as it is ready (completion order).
 
-        All pages are queued at once (up to the in-flight window) so they batch with each other
-        and with other clients' pages. Closing the iterator early cancels the remaining pages.
+        All pages are queued at once (up to the in-flight window, which a page leaves when the
+        caller has taken it) so they batch with each other and with other clients' pages.
+        Closing the iterator early cancels the remaining pages.
         """
         scale_x, scale_y = scale if isinstance(scale, tuple) else (scale, scale)
-        window = asyncio.Semaphore(self.pages_in_flight)
 
         async def one_page(page: int) -> PageLayout:
-            async with window:
-                started = time.monotonic()
-                rgb = await self._run(self._pdf, plan.doc.render, page, scale_x, scale_y)
-                return await self._detect(rgb, page, conf, iou, started, with_jpeg=images)
+            started = time.monotonic()
+            rgb = await self._run(self._pdf, plan.doc.render, page, scale_x, scale_y)
+            return await self._detect(rgb, page, conf, iou, started, with_jpeg=images)
 
-        tasks = [asyncio.ensure_future(one_page(page)) for page in plan.pages]
-        try:
-            for next_done in asyncio.as_completed(tasks):
-                yield await next_done
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        return windowed(plan.pages, one_page, self.pages_in_flight)
 
     async def close_pdf(self, plan: PdfPlan) -> None:
         await self._run(self._pdf, plan.doc.close)
@@ -223,8 +220,8 @@ class LayoutService:
             raise RequestError(ErrorCode.OVERLOADED, str(exc)) from None
         except BatchFailed as exc:
             raise RequestError(ErrorCode.INTERNAL, f"layout model failed: {exc}") from None
-        except BatcherStopped:
-            raise RequestError(ErrorCode.INTERNAL, "the server is shutting down") from None
+        except BatcherStopped as exc:
+            raise RequestError(ErrorCode.UNAVAILABLE, f"layout model unavailable: {exc}") from None
 
     @staticmethod
     async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: object) -> T:

@@ -70,7 +70,7 @@ class LineOcrService:
 
     @property
     def healthy(self) -> bool:
-        return self._det is not None and self._rec is not None
+        return all(b is not None and b.healthy for b in (self._det, self._rec))
 
     async def start(self) -> None:
         delay = self.settings.max_wait_ms / 1000
@@ -204,15 +204,15 @@ class LineOcrService:
 
     async def _submit(self, batcher: DynamicBatcher | None, item: object, what: str) -> Batched:
         if batcher is None:
-            raise RequestError(ErrorCode.INTERNAL, "the OCR service is not running")
+            raise RequestError(ErrorCode.UNAVAILABLE, "the OCR service is not running")
         try:
             return await batcher.submit(item)
         except QueueFull as exc:
             raise RequestError(ErrorCode.OVERLOADED, str(exc)) from None
         except BatchFailed as exc:
             raise RequestError(ErrorCode.INTERNAL, f"{what} failed: {exc}") from None
-        except BatcherStopped:
-            raise RequestError(ErrorCode.INTERNAL, "the server is shutting down") from None
+        except BatcherStopped as exc:
+            raise RequestError(ErrorCode.UNAVAILABLE, f"{what} unavailable: {exc}") from None
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

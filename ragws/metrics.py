@@ -49,6 +49,16 @@ class Metrics:
         self.websocket_connections = Gauge(
             "ragws_websocket_connections", "Open WebSocket connections", registry=r
         )
+        self.websocket_send_queue_bytes = Gauge(
+            "ragws_websocket_send_queue_bytes",
+            "Bytes queued on all WebSockets that their clients have not read yet",
+            registry=r,
+        )
+        self.websocket_stalls_total = Counter(
+            "ragws_websocket_stalls_total",
+            "WebSockets closed (1008) because their client stopped reading",
+            registry=r,
+        )
         self.layout_batch_size = Histogram(
             "ragws_layout_batch_size",
             "Pages per layout model call",

@@ -20,11 +20,12 @@ from typing import Protocol
 
 import numpy as np
 
+from . import deadlines
 from .config import Settings
 from .documents import decode_image
 from .metrics import Metrics
 from .ocr_engine import OcrEngine, StepRunner
-from .protocol import bad_request, too_large
+from .protocol import ErrorCode, RequestError, bad_request, too_large
 from .sequence import Sequence, TokenEvent
 
 _request_ids = itertools.count(1)
@@ -118,7 +119,7 @@ class OcrService:
         ``image`` is encoded bytes (decoded on the pool) or an RGB array.
         """
         if not self.engine.healthy:
-            raise RuntimeError("the OCR engine is not running")
+            raise RequestError(ErrorCode.UNAVAILABLE, "the OCR engine is not running")
         loop = asyncio.get_running_loop()
         rgb = image
         if isinstance(image, bytes):
@@ -137,6 +138,7 @@ class OcrService:
             )
         cap = min(options.max_tokens or self.settings.ocr_max_tokens, room)
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        deadline = deadlines.current.get()
         seq = Sequence(
             request_id=next(_request_ids),
             prompt_ids=prompt.prompt_ids,
@@ -146,12 +148,13 @@ class OcrService:
             emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             ignore_eos=options.ignore_eos,
             arrived_at=time.monotonic(),
+            on_start=deadline.started_threadsafe if deadline is not None else None,
         )
         self.engine.submit(seq)
         finished = False
         try:
             while not finished:
-                event = await events.get()
+                event = coalesce(await events.get(), events)
                 finished = event.finish_reason is not None
                 yield event
         finally:
@@ -179,6 +182,21 @@ class OcrService:
             return "".join(parts)
 
         return list(await asyncio.gather(*(one(b, m) for b, m in zip(regions, modes, strict=True))))
+
+
+def coalesce(event: TokenEvent, queue: asyncio.Queue[TokenEvent]) -> TokenEvent:
+    """``event`` merged with the events queued behind it.
+
+    The engine does not wait for readers: when a client reads slowly (and its socket's send
+    queue is full) a sequence's deltas pile up here. They go out as one frame rather than one
+    each, so a reader that falls behind catches up in fewer, larger frames, and no text is
+    lost. The counters and timestamps are the latest event's.
+    """
+    while event.finish_reason is None and not queue.empty():
+        later = queue.get_nowait()
+        later.text = event.text + later.text
+        event = later
+    return event
 
 
 def crop_box(rgb: np.ndarray, box: tuple[float, float, float, float] | None) -> np.ndarray:

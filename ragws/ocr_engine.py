@@ -96,9 +96,11 @@ class OcrEngine:
                     continue
                 self.step()
         except BaseException:
+            # Not a step's error (those fail the step's sequences): the thread cannot go on.
+            # /health turns unhealthy, new requests are refused at once, and every sequence
+            # the engine holds is failed below rather than left waiting.
             self.healthy = False
-            log.exception("OCR engine thread died")
-            raise
+            log.critical("OCR engine thread died", exc_info=True)
         finally:
             self._fail_all("the OCR engine stopped")
 
@@ -125,13 +127,16 @@ class OcrEngine:
             return
         for seq in step.prefill:
             seq.scheduled_at = started
+            if seq.on_start is not None:
+                seq.on_start()
         try:
             tokens = self.runner.step(step.prefill, step.decode)
-        except Exception as exc:  # fail this step's sequences, keep serving the rest
-            log.exception("OCR step failed for %d sequences", len(step.prefill + step.decode))
-            self._fail_step(step, f"{type(exc).__name__}: {exc}")
-            self._report(batch_size=0, ttft_s=[], step_s=time.monotonic() - started)
-            return
+        except Exception as exc:
+            recovered = self._recover(step, exc)
+            if recovered is None:
+                self._report(batch_size=0, ttft_s=[], step_s=time.monotonic() - started)
+                return
+            tokens = recovered
         self.steps += 1
         finished = set(self.scheduler.postprocess(step, tokens))
         ttft: list[float] = []
@@ -177,8 +182,34 @@ class OcrEngine:
     def _emit_end(self, seq: Sequence, reason: FinishReason | None, text: str = "") -> None:
         seq.emit(self._event(seq, text, reason))
 
-    def _fail_step(self, step: ScheduledStep, error: str) -> None:
-        for seq in step.prefill + step.decode:
+    def _recover(self, step: ScheduledStep, exc: Exception) -> list[int] | None:
+        """A step raised (a model error, or out of memory): fail only what it must.
+
+        When the step admitted new sequences, they are the likely cause (a prefill's vision
+        encoding and prompt are the step's largest allocations), and the runner does their
+        work first, before the running sequences' KV cache is touched. So the newcomers fail,
+        and the running sequences' decode is tried again alone: if it goes through, their
+        streams go on as if nothing happened. Otherwise the running sequences fail too.
+        Either way their slots are free before the next step. Returns the decode tokens, or
+        None when nothing is left of the step.
+        """
+        error = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "OCR step failed (%d new, %d running): %s", len(step.prefill), len(step.decode), error
+        )
+        self._fail(step.prefill, error)
+        step.prefill = []
+        if not step.decode:
+            return None
+        try:
+            return self.runner.step([], step.decode)
+        except Exception as again:
+            log.exception("OCR decode failed again for %d sequences", len(step.decode))
+            self._fail(step.decode, f"{type(again).__name__}: {again}")
+            return None
+
+    def _fail(self, seqs: list[Sequence], error: str) -> None:
+        for seq in seqs:
             self.scheduler.finish(seq, FinishReason.ERROR)
             event = self._event(seq, "", FinishReason.ERROR)
             event.error = error
@@ -187,9 +218,5 @@ class OcrEngine:
     def _fail_all(self, error: str) -> None:
         never_added = [item for kind, item in self._inbox if kind == "add"]
         self._inbox.clear()
-        for seq in [*self.scheduler.running, *self.scheduler.waiting, *never_added]:
-            self.scheduler.finish(seq, FinishReason.ERROR)
-            event = self._event(seq, "", FinishReason.ERROR)
-            event.error = error
-            seq.emit(event)
+        self._fail([*self.scheduler.running, *self.scheduler.waiting, *never_added], error)
         self.scheduler.waiting.clear()

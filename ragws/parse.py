@@ -53,6 +53,7 @@ from .layout import LayoutService, PdfPlan
 from .metrics import Metrics
 from .ocr import OcrBackend
 from .protocol import ErrorCode, ParseRequest, RequestError
+from .window import windowed
 
 Box = tuple[float, float, float, float]
 Word = tuple[float, float, float, float, str, int, int, int]
@@ -169,29 +170,19 @@ class ParseService:
 
     # --- pages ----------------------------------------------------------------------------
 
-    async def _pdf_pages(self, plan: PdfPlan, request: ParseRequest) -> AsyncIterator[ParsedPage]:
+    def _pdf_pages(self, plan: PdfPlan, request: ParseRequest) -> AsyncIterator[ParsedPage]:
         # Pages run concurrently so that their layout and OCR work batches, within a window so
         # that a long document holds few rendered pages at once, and its first pages finish
         # (and stream) first instead of every page finishing near the end.
-        window = asyncio.Semaphore(self.pages_in_flight)
-
         async def one(page: int) -> ParsedPage:
-            async with window:
-                started = time.monotonic()
-                rgb = await self.layout.render_page(plan, page, request.scale)
-                words = None
-                if request.text != "ocr":
-                    words = await self.layout.page_words(plan, page)
-                return await self._page(rgb, page, words, request, started)
+            started = time.monotonic()
+            rgb = await self.layout.render_page(plan, page, request.scale)
+            words = None
+            if request.text != "ocr":
+                words = await self.layout.page_words(plan, page)
+            return await self._page(rgb, page, words, request, started)
 
-        tasks = [asyncio.ensure_future(one(page)) for page in plan.pages]
-        try:
-            for next_done in asyncio.as_completed(tasks):
-                yield await next_done
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        return windowed(plan.pages, one, self.pages_in_flight)
 
     async def _page(
         self,

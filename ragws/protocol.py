@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 
 from . import __version__
+from .deadlines import MAX_DEADLINE_MS
 
 PROTOCOL_VERSION = 1
 
@@ -30,6 +31,8 @@ class ErrorCode(str, enum.Enum):
     OVERLOADED = "overloaded"
     UNSUPPORTED = "unsupported"
     INTERNAL = "internal"
+    UNAVAILABLE = "unavailable"  # a model service is down (e.g. the OCR engine thread died)
+    TIMEOUT = "timeout"  # HTTP only: still queued at its deadline (WebSocket: done "timeout")
 
 
 class RequestError(Exception):
@@ -59,6 +62,7 @@ class LayoutRequest:
     image: bytes
     conf: float | None = None  # None: the model's default
     iou: float | None = None
+    deadline_ms: float | None = None  # end with "timeout" if still queued after this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,7 @@ class PdfRequest:
     images: bool = False  # also send each rendered page as JPEG
     conf: float | None = None
     iou: float | None = None
+    deadline_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,7 @@ class OcrRequest:
     box: tuple[float, float, float, float] | None = None  # crop to this region first
     crop: bool = False  # GOT's multi-patch mode for large, dense pages
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
+    deadline_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,7 @@ class ParseRequest:
     scale: float = 2.0  # PDF render scale; bboxes are in the rendered pixels
     figures: bool = False  # attach each figure's crop as JPEG
     furniture: bool = False  # keep headers and footers in the markdown and chunks
+    deadline_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +147,7 @@ def parse_request(frame: Any, limits: Limits) -> Request:
                 image=_bytes(frame, "image"),
                 conf=_unit(frame, "conf"),
                 iou=_unit(frame, "iou"),
+                deadline_ms=_deadline(frame),
             )
         if kind == "pdf":
             return PdfRequest(
@@ -150,6 +158,7 @@ def parse_request(frame: Any, limits: Limits) -> Request:
                 images=_bool(frame, "images", False),
                 conf=_unit(frame, "conf"),
                 iou=_unit(frame, "iou"),
+                deadline_ms=_deadline(frame),
             )
         if kind == "ocr":
             return OcrRequest(
@@ -160,6 +169,7 @@ def parse_request(frame: Any, limits: Limits) -> Request:
                 box=_box(frame),
                 crop=_bool(frame, "crop", False),
                 ignore_eos=_bool(frame, "ignore_eos", False),
+                deadline_ms=_deadline(frame),
             )
         if kind == "parse":
             return _parse_request(frame, request_id, limits)
@@ -202,6 +212,7 @@ def _parse_request(frame: Mapping[str, Any], request_id: RequestId, limits: Limi
         scale=_scale(frame, limits.max_render_scale),
         figures=_bool(frame, "figures", False),
         furniture=_bool(frame, "furniture", False),
+        deadline_ms=_deadline(frame),
     )
 
 
@@ -263,6 +274,13 @@ def _scale(frame: Mapping[str, Any], max_scale: float) -> float:
         return min(2.0, max_scale)
     if not 0.0 < value <= max_scale:
         raise bad_request(f"field 'scale' must be in (0, {max_scale}], got {value}")
+    return value
+
+
+def _deadline(frame: Mapping[str, Any]) -> float | None:
+    value = _number(frame, "deadline_ms")
+    if value is not None and not 0 < value <= MAX_DEADLINE_MS:
+        raise bad_request(f"field 'deadline_ms' must be in (0, {MAX_DEADLINE_MS}], got {value}")
     return value
 
 

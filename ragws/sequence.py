@@ -60,6 +60,9 @@ class Sequence:
     scheduled_at: float | None = None
     first_token_at: float | None = None
     detok: Any = None  # the runner's incremental detokeniser state
+    # Called on the engine thread when the sequence joins the running batch; must be
+    # thread-safe (the OCR service disarms the request's deadline with it).
+    on_start: Callable[[], None] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -25,6 +25,7 @@ from aiohttp import web
 from . import __version__, protocol
 from .admission import Admission
 from .config import Settings
+from .deadlines import MAX_DEADLINE_MS, DeadlineExceeded, deadline_scope
 from .layout import LayoutService, PageLayout
 from .line_ocr import LineOcrService
 from .metrics import CONTENT_TYPE, Metrics
@@ -47,9 +48,10 @@ HTTP_STATUS = {
     ErrorCode.OVERLOADED: 429,
     ErrorCode.UNSUPPORTED: 501,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.TIMEOUT: 504,
 }
 RETRY_AFTER_S = "1"
-WS_HEARTBEAT_S = 30.0
 
 
 def static_dir() -> Path | None:
@@ -170,6 +172,10 @@ def _services_ctx(
             ),
             limits=protocol.Limits(max_render_scale=settings.max_render_scale),
         )
+        sessions = app[SERVICES].sessions
+        metrics.websocket_send_queue_bytes.set_function(
+            lambda: sum(session.queued_bytes() for session in sessions)
+        )
         try:
             yield
         finally:
@@ -184,15 +190,22 @@ def _services_ctx(
 # --- WebSocket ------------------------------------------------------------------------------
 
 
-async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+async def ws_handler(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
+    settings = services.settings
+    if services.admission.draining:
+        # A handshake that reached the server as it stopped listening: not upgraded, so the
+        # client retries elsewhere instead of holding a socket that will close at once.
+        return _error_response(
+            RequestError(ErrorCode.UNAVAILABLE, services.admission.overloaded_message())
+        )
     ws = web.WebSocketResponse(
-        max_msg_size=services.settings.max_frame_bytes,
-        heartbeat=WS_HEARTBEAT_S,
+        max_msg_size=settings.max_frame_bytes,
+        heartbeat=settings.heartbeat_s or None,
         compress=False,  # page images do not compress; deflating them only costs CPU
     )
     await ws.prepare(request)
-    await Session(ws, services, peer=_peer(request)).run()
+    await Session(ws, services, peer=_peer(request), transport=request.transport).run()
     return ws
 
 
@@ -208,7 +221,7 @@ def _peer(request: web.Request) -> str:
 async def health(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     model = services.layout.model
-    healthy = services.ocr is None or services.ocr.healthy
+    healthy = services.layout.healthy and (services.ocr is None or services.ocr.healthy)
     ocr: dict[str, Any] | None = None
     if services.ocr is not None:
         ocr = {"model": services.ocr.name, "healthy": services.ocr.healthy}
@@ -223,6 +236,7 @@ async def health(request: web.Request) -> web.Response:
             "version": __version__,
             "models": services.hello["models"],
             "device": model.device,
+            "layout_healthy": services.layout.healthy,
             "layout_batch": {
                 "max": services.settings.layout_batch_size,
                 "preferred": services.layout.preferred_batch_size,
@@ -241,7 +255,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _error_response(exc: RequestError) -> web.Response:
-    headers = {"Retry-After": RETRY_AFTER_S} if exc.code is ErrorCode.OVERLOADED else None
+    retry = exc.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE)
+    headers = {"Retry-After": RETRY_AFTER_S} if retry else None
     return web.json_response(
         {"error": exc.code.value, "message": exc.message},
         status=HTTP_STATUS[exc.code],
@@ -250,9 +265,12 @@ def _error_response(exc: RequestError) -> web.Response:
 
 
 async def _admitted(
-    request: web.Request, kind: str, serve: Callable[[], Awaitable[web.StreamResponse]]
+    request: web.Request,
+    kind: str,
+    serve: Callable[[dict[str, Any]], Awaitable[web.StreamResponse]],
 ) -> web.StreamResponse:
-    """Run an HTTP request under admission control, with the same outcomes as a WS request."""
+    """Run an HTTP request under admission control, with the same outcomes as a WS request:
+    read its form, and serve it under the form's ``deadline_ms`` (504 if still queued then)."""
     services = request.app[SERVICES]
     if not services.admission.try_acquire():
         services.metrics.requests_total.labels(kind, "overloaded").inc()
@@ -261,10 +279,16 @@ async def _admitted(
         )
     outcome = "ok"
     try:
-        return await serve()
+        form = await _form_fields(request)
+        deadline_ms = _form_float(form, "deadline_ms", 0.0, 0.0, MAX_DEADLINE_MS)
+        with deadline_scope(deadline_ms / 1000 if deadline_ms else None):
+            return await serve(form)
     except RequestError as exc:
         outcome = exc.code.value
         return _error_response(exc)
+    except DeadlineExceeded as exc:
+        outcome = "timeout"
+        return _error_response(RequestError(ErrorCode.TIMEOUT, str(exc)))
     except asyncio.CancelledError:  # the client went away; the work is withdrawn
         outcome = "cancelled"
         raise
@@ -302,9 +326,8 @@ def _form_float(form: dict[str, Any], name: str, default: float, low: float, hig
 async def doc_layout(request: web.Request) -> web.StreamResponse:
     """Seed-compatible ``POST /doc_layout``: a PDF in, every page's layout and image out."""
 
-    async def serve() -> web.StreamResponse:
+    async def serve(form: dict[str, Any]) -> web.StreamResponse:
         services = request.app[SERVICES]
-        form = await _form_fields(request)
         upload = form.get("file")
         if upload is None or not hasattr(upload, "file"):
             raise protocol.bad_request("missing file field 'file'")
@@ -347,11 +370,10 @@ async def ocr(request: web.Request) -> web.StreamResponse:
     A client that disconnects cancels its sequence, freeing its KV slot.
     """
 
-    async def serve() -> web.StreamResponse:
+    async def serve(form: dict[str, Any]) -> web.StreamResponse:
         services = request.app[SERVICES]
         if services.ocr is None:
             raise RequestError(ErrorCode.UNSUPPORTED, "no OCR model is loaded (--ocr-model none)")
-        form = await _form_fields(request)
         upload = form.get("image")
         if upload is None or not hasattr(upload, "file"):
             raise protocol.bad_request("missing file field 'image'")
@@ -389,9 +411,8 @@ async def parse(request: web.Request) -> web.StreamResponse:
     disconnects cancels the rest of the work.
     """
 
-    async def serve() -> web.StreamResponse:
+    async def serve(form: dict[str, Any]) -> web.StreamResponse:
         services = request.app[SERVICES]
-        form = await _form_fields(request)
         upload = form.get("file")
         if upload is None or not hasattr(upload, "file"):
             raise protocol.bad_request("missing file field 'file' (a PDF or an image)")

@@ -2,8 +2,14 @@
 
 Each admitted request runs as its own task. ``cancel`` cancels that task and the socket closing
 cancels all of them; cancellation propagates into whatever the task awaits (a batcher future,
-a render), so withdrawn work never reaches the model. Frames go out through one lock, so frames
-of different requests interleave but never tear, and a slow reader slows only its own streams.
+a render), so withdrawn work never reaches the model. A request's ``deadline_ms`` cancels it
+the same way if it is still queued then (:mod:`ragws.deadlines`).
+
+Frames go out through the socket's bounded send queue (:mod:`ragws.outbox`). When it is
+full, a request that sends pauses where it is, and so only that socket's streams wait for a
+slow reader: a token stream's text gathers and goes out merged, a document's next pages wait
+for the window its sent pages free. A client that stops reading for ``send_stall_timeout_s``
+is closed with 1008 and its requests are cancelled.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from . import protocol
 from .admission import Admission
 from .config import Settings
+from .deadlines import DeadlineExceeded, deadline_scope
 from .layout import LayoutService, PageLayout
 from .metrics import Metrics
 from .ocr import OcrBackend, OcrOptions
+from .outbox import Outbox
 from .parse import ParsedDocument, ParseService
 from .protocol import (
     CancelRequest,
@@ -46,6 +54,9 @@ _CLOSING = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
 
 #: How many ended request ids a session remembers to ignore late cancels for.
 RECENTLY_ENDED = 1024
+#: How long a closing socket's client gets to read up to the close frame before the
+#: connection is cut, so that a client that stopped reading cannot hold its buffers.
+CLOSE_GRACE_S = 10.0
 
 
 @dataclass(slots=True)
@@ -64,10 +75,20 @@ class Services:
 
 
 class Session:
-    def __init__(self, ws: web.WebSocketResponse, services: Services, peer: str) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        services: Services,
+        peer: str,
+        transport: asyncio.Transport | None = None,
+    ) -> None:
+        """``transport`` is the connection under ``ws``: its write buffer is the socket's
+        send queue, and a client that stops reading is cut off through it."""
         self.ws = ws
         self.services = services
         self.peer = peer
+        self.transport = transport
+        self.stalled = False  # closed with 1008: the client stopped reading
         self.inflight: dict[RequestId, asyncio.Task[None]] = {}
         self._started: set[asyncio.Task[None]] = set()  # request tasks that began running
         self.shutting_down = False
@@ -75,7 +96,13 @@ class Session:
         # Ids of requests that ended lately, so that a cancel which crossed the end is ignored
         # rather than answered with an error about an unknown id.
         self._recently_ended: collections.OrderedDict[RequestId, None] = collections.OrderedDict()
-        self._send_lock = asyncio.Lock()
+        settings = services.settings
+        self.outbox = Outbox(
+            ws,
+            limit=settings.send_queue_bytes,
+            stall_timeout_s=settings.send_stall_timeout_s,
+            on_stall=self._on_stall,
+        )
         self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             LayoutRequest: self._layout,
             PdfRequest: self._pdf,
@@ -114,6 +141,7 @@ class Session:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.outbox.stop()
 
     async def _next_message(self) -> WSMessage | None:
         """The next message, or None once the socket has idled out: nothing in flight and no
@@ -125,7 +153,7 @@ class Session:
             except asyncio.TimeoutError:
                 if not self.inflight:
                     log.info("socket %s: idle for %.0f s, closing", self.peer, idle)
-                    await self.ws.close(code=WSCloseCode.OK, message=b"idle timeout")
+                    await self.close(WSCloseCode.OK, "idle timeout")
                     return None
 
     async def shutdown(self) -> None:
@@ -136,7 +164,55 @@ class Session:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+        await self.close(WSCloseCode.GOING_AWAY, "server shutting down")
+
+    async def close(self, code: WSCloseCode, reason: str) -> None:
+        """Close with ``code`` once the frames already queued are written (not for a client
+        that stopped reading). The close frame goes behind what the client has not read yet;
+        whatever it has not read :data:`CLOSE_GRACE_S` from now is dropped with the
+        connection."""
+        loop = asyncio.get_running_loop()
+        if self.transport is not None:
+            loop.call_later(CLOSE_GRACE_S, self.transport.abort)  # no-op if closed by then
+        deadline = loop.time() + CLOSE_GRACE_S
+        try:
+            if not self.stalled:
+                await self.outbox.flush(CLOSE_GRACE_S)
+            # No drain: the writer may be the one waiting for this client to read.
+            closing = self.ws.close(code=code, message=reason.encode(), drain=False)
+            await asyncio.wait_for(closing, max(0.0, deadline - loop.time()))
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+
+    def queued_bytes(self) -> int:
+        """Bytes for this client that it has not read yet: the send queue's, and those
+        already in the connection's buffer."""
+        transport = self.transport
+        buffered = 0
+        if transport is not None and not transport.is_closing():
+            buffered = transport.get_write_buffer_size()
+        return self.outbox.queued_bytes + buffered
+
+    def _on_stall(self) -> None:
+        """A send has waited ``send_stall_timeout_s`` for the client to read: cut it off."""
+        if self.stalled or self.ws.closed:
+            return
+        self.stalled = True
+        timeout = self.services.settings.send_stall_timeout_s
+        log.warning(
+            "socket %s: client read nothing for %.0f s with its send queue full; closing (1008)",
+            self.peer,
+            timeout,
+        )
+        self.services.metrics.websocket_stalls_total.inc()
+        self.outbox.discard()  # frames it will never read
+        for task in list(self.inflight.values()):
+            task.cancel()
+        closing = asyncio.ensure_future(
+            self.close(WSCloseCode.POLICY_VIOLATION, "send queue full: the client stopped reading")
+        )
+        self._background.add(closing)
+        closing.add_done_callback(self._background.discard)
 
     # --- inbound --------------------------------------------------------------------------
 
@@ -227,11 +303,14 @@ class Session:
         self._started.add(asyncio.current_task())  # type: ignore[arg-type]
         started = time.monotonic()
         outcome = "ok"
+        deadline_s = None if request.deadline_ms is None else request.deadline_ms / 1000
         try:
-            await self._handlers[type(request)](request)
-        except asyncio.CancelledError:
-            outcome = "shutdown" if self.shutting_down else "cancelled"
-            if not self.ws.closed:  # a client's cancel, or shutdown: tell it the request is over
+            with deadline_scope(deadline_s):
+                await self._handlers[type(request)](request)
+        except (asyncio.CancelledError, DeadlineExceeded) as exc:
+            outcome = "timeout" if isinstance(exc, DeadlineExceeded) else "cancelled"
+            outcome = "shutdown" if self.shutting_down else outcome
+            if not self.ws.closed:  # a cancel, a deadline or shutdown: the request is over
                 await self.send(protocol.done_frame(request.id, outcome))
         except RequestError as exc:
             outcome = exc.code.value
@@ -370,13 +449,9 @@ class Session:
     # --- outbound -------------------------------------------------------------------------
 
     async def send(self, frame: dict[str, Any]) -> None:
-        data = protocol.encode(frame)
-        async with self._send_lock:
-            if self.ws.closed:
-                return
-            # A peer that went away mid-write is cleaned up by run().
-            with contextlib.suppress(ConnectionError):
-                await self.ws.send_bytes(data)
+        """Queue one frame; waits while the send queue is full (see the module docstring)."""
+        if not self.ws.closed:
+            await self.outbox.put(protocol.encode(frame))
 
     async def send_error(self, request_id: RequestId | None, exc: RequestError) -> None:
         await self.send(protocol.error_frame(request_id, exc.code, exc.message))

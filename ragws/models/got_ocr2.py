@@ -239,10 +239,20 @@ class GotOcr2Runner:
     @torch.inference_mode()
     def step(self, prefill: list[Sequence], decode: list[Sequence]) -> list[int]:
         """Run one engine step: the first token of each ``prefill`` sequence (vision, prompt)
-        and the next token of each ``decode`` sequence, in that order."""
-        tokens = self._prefill(prefill) if prefill else []
-        if decode:
-            tokens += self._decode(decode)
+        and the next token of each ``decode`` sequence, in that order.
+
+        Prefill runs first, so a prefill that fails (out of memory, say) has not touched the
+        running sequences' cache: the engine can fail the newcomers and decode again alone.
+        """
+        try:
+            tokens = self._prefill(prefill) if prefill else []
+            if decode:
+                tokens += self._decode(decode)
+        except torch.cuda.OutOfMemoryError:
+            # Hand the failed step's cached activation blocks back, so the engine's retry and
+            # the next steps find the memory free.
+            torch.cuda.empty_cache()
+            raise
         return tokens
 
     # --- internals -------------------------------------------------------------------------
