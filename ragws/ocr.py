@@ -136,7 +136,8 @@ class OcrService:
                 f"the prompt is {len(prompt.prompt_ids)} tokens; max_model_len is "
                 f"{self.runner.max_model_len}"
             )
-        cap = min(options.max_tokens or self.settings.ocr_max_tokens, room)
+        limit = self.settings.ocr_max_tokens  # a larger max_tokens is capped, as documented
+        cap = min(options.max_tokens or limit, limit, room)
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         deadline = deadlines.current.get()
         seq = Sequence(

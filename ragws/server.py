@@ -52,6 +52,8 @@ HTTP_STATUS = {
     ErrorCode.TIMEOUT: 504,
 }
 RETRY_AFTER_S = "1"
+#: Bytes a connection buffers below the session's send queue (aiohttp's own default).
+TRANSPORT_BUFFER = 64 * 1024
 
 
 def static_dir() -> Path | None:
@@ -203,8 +205,15 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         max_msg_size=settings.max_frame_bytes,
         heartbeat=settings.heartbeat_s or None,
         compress=False,  # page images do not compress; deflating them only costs CPU
+        writer_limit=min(TRANSPORT_BUFFER, settings.send_queue_bytes),
     )
     await ws.prepare(request)
+    if request.transport is not None:
+        # The send queue is the session's (ragws.outbox); below it, the connection buffers
+        # no more than this, so send_queue_bytes is what a slow reader can make us hold.
+        request.transport.set_write_buffer_limits(
+            high=min(TRANSPORT_BUFFER, settings.send_queue_bytes)
+        )
     await Session(ws, services, peer=_peer(request), transport=request.transport).run()
     return ws
 

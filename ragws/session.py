@@ -224,23 +224,21 @@ class Session:
         except RequestError as exc:
             if exc.request_id is None:
                 exc.request_id = protocol.peek_id(frame)
-            await self.send_error(exc.request_id, exc)
+            is_cancel = isinstance(frame, dict) and frame.get("type") == "cancel"
+            await self._refuse(exc.request_id if not is_cancel else None, exc)
             return
         if isinstance(request, CancelRequest):
             await self._cancel(request.id)
             return
+        kind = _type_name(request)
         limit = self.services.settings.max_inflight_per_socket
         if len(self.inflight) >= limit:
-            kind = _type_name(request)
             self.services.metrics.requests_total.labels(kind, "overloaded").inc()
-            await self.send_error(
-                request.id,
-                RequestError(
-                    ErrorCode.OVERLOADED,
-                    f"this socket has {limit} requests in flight (max_inflight_per_socket); "
-                    "wait for one to end, or open another socket",
-                ),
+            message = (
+                f"this socket has {limit} requests in flight (max_inflight_per_socket); "
+                "wait for one to end, or open another socket"
             )
+            await self._refuse(request.id, RequestError(ErrorCode.OVERLOADED, message))
             return
         if request.id in self.inflight:
             await self.send_error(
@@ -248,17 +246,24 @@ class Session:
                 RequestError(ErrorCode.BAD_REQUEST, f"id {request.id!r} is already in flight"),
             )
             return
-        kind = _type_name(request)
         admission = self.services.admission
         if not admission.try_acquire():
             self.services.metrics.requests_total.labels(kind, "overloaded").inc()
-            await self.send_error(
-                request.id, RequestError(ErrorCode.OVERLOADED, admission.overloaded_message())
-            )
+            error = RequestError(ErrorCode.OVERLOADED, admission.overloaded_message())
+            await self._refuse(request.id, error)
             return
         task = asyncio.create_task(self._serve(request, kind), name=f"{self.peer}:{request.id}")
         self.inflight[request.id] = task
         task.add_done_callback(functools.partial(self._on_task_done, request.id, kind))
+
+    async def _refuse(self, request_id: RequestId | None, exc: RequestError) -> None:
+        """Answer a request that never started with ``exc``. ``request_id`` then counts as
+        ended, so that a cancel the client sent before it saw the refusal is ignored like any
+        cancel that crosses an end (None: nothing to remember, the frame had no usable id or
+        was itself a cancel)."""
+        if request_id is not None and request_id not in self.inflight:
+            self._remember_ended(request_id)
+        await self.send_error(exc.request_id if request_id is None else request_id, exc)
 
     async def _cancel(self, request_id: RequestId) -> None:
         task = self.inflight.get(request_id)

@@ -90,16 +90,19 @@ async def start_server(embedded_model, embedded_ocr) -> AsyncIterator[Callable[.
     """Start ragws on a free loopback port; settings override the test defaults."""
     runners: list[web.AppRunner] = []
 
-    async def start(model: Any = None, *, load_model: bool = False, **overrides: Any) -> Server:
+    async def start(
+        model: Any = None, *, load_model: bool = False, ocr_runner: Any = None, **overrides: Any
+    ) -> Server:
         """``load_model`` loads the models named by the settings, as ``ragws serve`` does;
-        otherwise the session's embedded layout and OCR models are shared."""
+        otherwise the session's embedded layout and OCR models are shared. ``ocr_runner``
+        serves OCR with an already loaded runner (a GOT-OCR2 runner with injected faults)."""
         base = {"port": 0, "layout_preferred_batch_size": "1", "max_wait_ms": 5.0}
         settings = Settings(**{**base, **overrides})
         shared_ocr = settings.ocr_model == "embedded" and not load_model
         app = create_app(
             settings,
             layout_model=None if load_model else model or embedded_model,
-            ocr_runner=embedded_ocr if shared_ocr else None,
+            ocr_runner=ocr_runner or (embedded_ocr if shared_ocr else None),
         )
         runner = web.AppRunner(app, handler_cancellation=True)
         await runner.setup()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ragws.batcher import BatchFailed, DynamicBatcher, QueueFull
+from ragws.batcher import BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
 
 
 class Recorder:
@@ -105,6 +105,28 @@ async def test_failing_batch_fails_only_its_items():
     )
     assert all(isinstance(r, BatchFailed) and "poison" in str(r) for r in bad)
     assert (await batcher.submit("fine")).output == "out:fine"
+    await batcher.stop()
+
+
+class Fatal(BaseException):
+    """Not an Exception: no model-error handler catches it (a dying thread or interpreter)."""
+
+
+async def test_a_dead_collector_fails_everything_waiting_and_refuses_new_items():
+    def run(items: list[object]) -> list[object]:
+        time.sleep(0.1)
+        raise Fatal("the inference thread dies")
+
+    batcher = await _started(run, max_batch_size=1, max_queue_delay_s=0.0)
+    assert batcher.healthy
+    running = asyncio.ensure_future(batcher.submit("running"))
+    await asyncio.sleep(0.02)
+    queued = asyncio.ensure_future(batcher.submit("queued"))
+    results = await asyncio.wait_for(asyncio.gather(running, queued, return_exceptions=True), 5)
+    assert all(isinstance(r, BatcherStopped) and "failed" in str(r) for r in results)
+    assert not batcher.healthy
+    with pytest.raises(BatcherStopped):
+        await batcher.submit("later")
     await batcher.stop()
 
 

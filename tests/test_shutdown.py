@@ -57,6 +57,32 @@ async def frames_until_close(ws: aiohttp.ClientWebSocketResponse) -> list[dict]:
     return frames
 
 
+async def refused_from_now_on(http: aiohttp.ClientSession, url: str) -> None:
+    """Handshakes until one is refused (the signal has been handled), then a few more: once
+    the server drains, none may upgrade, whether the listener is gone (connection refused)
+    or the connection was accepted as it closed (503)."""
+
+    async def refused() -> bool:
+        try:
+            async with http.ws_connect(url) as ws:
+                await ws.close()
+        except aiohttp.WSServerHandshakeError as exc:
+            assert exc.status == 503, exc
+            return True
+        except aiohttp.ClientConnectorError:
+            return True
+        return False
+
+    for _ in range(200):
+        if await refused():
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("handshakes were still accepted long after SIGTERM")
+    for _ in range(5):
+        assert await refused()
+
+
 async def test_sigterm_finishes_short_work_ends_long_work_and_exits_0(paper_pdf):
     port = free_port()
     # One line per recognition call: a full page takes many seconds, a title a fraction.
@@ -76,9 +102,9 @@ async def test_sigterm_finishes_short_work_ends_long_work_and_exits_0(paper_pdf)
             await slow.send_bytes(msgpack.packb({"type": "ocr", "id": "long", "image": page}))
             await until_inflight(http, port, 2)
             proc.send_signal(signal.SIGTERM)
-            slow_frames, quick_frames = await asyncio.gather(
-                frames_until_close(slow), frames_until_close(quick)
-            )
+            closing = asyncio.gather(frames_until_close(slow), frames_until_close(quick))
+            await refused_from_now_on(http, url)
+            slow_frames, quick_frames = await closing
             # The short request finished normally within the grace period; the long one was
             # ended with "shutdown"; both sockets were closed with 1001 (going away).
             assert quick_frames[-1]["type"] == "done"

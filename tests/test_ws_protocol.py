@@ -250,6 +250,27 @@ BAD_FRAMES = [
         "image",
     ),
     ("cancel of unknown id", {"type": "cancel", "id": "nope"}, "nope", "bad_request", "in flight"),
+    (
+        "deadline not a number",
+        {"type": "layout", "id": 25, "image": b"x", "deadline_ms": "soon"},
+        25,
+        "bad_request",
+        "'deadline_ms'",
+    ),
+    (
+        "deadline not positive",
+        {"type": "ocr", "id": 26, "image": b"x", "deadline_ms": 0},
+        26,
+        "bad_request",
+        "'deadline_ms'",
+    ),
+    (
+        "deadline beyond a day",
+        {"type": "pdf", "id": 27, "pdf": b"%PDF", "deadline_ms": 1e12},
+        27,
+        "bad_request",
+        "'deadline_ms'",
+    ),
 ]
 
 
@@ -494,6 +515,31 @@ async def test_late_cancel_is_ignored_and_pdf_frames_carry_totals(start_server, 
     assert (await client.recv())["id"] == "n"
     await client.send({"type": "cancel", "id": "never-sent"})
     assert (await client.recv())["code"] == "bad_request"
+
+
+async def test_cancel_crossing_a_refusal_is_ignored(start_server, connect, paper_pdf):
+    server = await start_server(max_concurrent=1)
+    client, _ = await connect(server)
+    await client.send({"type": "pdf", "id": "busy", "pdf": paper_pdf})
+    await client.until("busy", "page")  # admitted: the only slot is taken
+    # Refused (overloaded; a missing image), then cancelled by a client that had not yet
+    # seen the refusal: the cancels get no answer. A cancel of an id never sent does.
+    for rid, frame in (("x", {"type": "layout", "image": b"x"}), ("y", {"type": "layout"})):
+        await client.send({**frame, "id": rid})
+        await client.send({"type": "cancel", "id": rid})
+    await client.send({"type": "cancel", "id": "never-sent"})
+    answers = []
+    while not answers or answers[-1]["id"] != "never-sent":
+        if (frame := await client.recv())["id"] != "busy":
+            answers.append(frame)
+    assert [(a["id"], a["code"]) for a in answers] == [
+        ("x", "overloaded"),
+        ("y", "bad_request"),
+        ("never-sent", "bad_request"),
+    ]
+    await client.send({"type": "cancel", "id": "busy"})
+    frames = (await client.finish("busy"))["busy"]
+    assert not [f for f in frames if f["type"] == "error"]
 
 
 async def test_per_socket_inflight_cap_and_idle_timeout(start_server, connect, paper_pdf):
