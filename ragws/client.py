@@ -53,7 +53,7 @@ Frame = dict[str, Any]
 DEFAULT_URL = "ws://127.0.0.1:7088/ws"
 
 #: Client-side error codes, beside the server's (bad_request, too_large, overloaded,
-#: unsupported, internal).
+#: unsupported, internal, unavailable).
 DISCONNECTED = "disconnected"
 UNAUTHORIZED = "unauthorized"
 CANCELLED = "cancelled"
@@ -66,10 +66,13 @@ class RagwsError(Exception):
     """A request failed: the server's ``error`` frame, or a condition the client detected.
 
     ``code`` is one of the protocol's codes (``bad_request``, ``too_large``, ``overloaded``,
-    ``unsupported``, ``internal``) or one the client adds: ``disconnected`` (the socket dropped
-    while the request was in flight, or could not be opened), ``unauthorized`` (the server
-    refused the handshake with HTTP 401 or 403), ``cancelled`` (a non-streaming request was
-    cancelled by :meth:`AsyncClient.cancel`). ``request_id`` is the request's id when known.
+    ``unsupported``, ``internal``, ``unavailable``) or one the client adds: ``disconnected``
+    (the socket dropped while the request was in flight, or could not be opened),
+    ``unauthorized`` (the server refused the handshake with HTTP 401 or 403), and for a
+    ``layout`` request that ended without its result the ``done`` frame's reason:
+    ``cancelled`` (:meth:`AsyncClient.cancel`), ``timeout`` (still queued at its
+    ``deadline_ms``), ``shutdown`` (the server stopped). ``request_id`` is the request's id
+    when known.
     """
 
     def __init__(self, code: str, message: str, request_id: RequestId | None = None) -> None:
@@ -463,6 +466,8 @@ class AsyncClient:
     ``max_backoff`` between them.
 
     ``api_key`` is sent as ``Authorization: Bearer <key>`` on every handshake.
+    ``deadline_ms`` goes with every request: one still queued that long after it reached the
+    server ends with ``timeout`` (a stream's result says ``finish_reason == "timeout"``).
     """
 
     def __init__(
@@ -475,15 +480,19 @@ class AsyncClient:
         max_backoff: float = 4.0,
         open_timeout: float = 30.0,
         heartbeat: float | None = 30.0,
+        deadline_ms: float | None = None,
     ) -> None:
         if retries < 0 or backoff < 0 or max_backoff < backoff or open_timeout <= 0:
             raise ValueError("need retries >= 0, 0 <= backoff <= max_backoff, open_timeout > 0")
+        if deadline_ms is not None and deadline_ms <= 0:
+            raise ValueError("deadline_ms must be positive")
         self.url = url
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.open_timeout = open_timeout
         self.heartbeat = heartbeat  # ping interval; a server silent for half of it is dropped
+        self.deadline_ms = deadline_ms
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._ids = itertools.count(1)
         self._http: aiohttp.ClientSession | None = None
@@ -690,13 +699,16 @@ class AsyncClient:
         except asyncio.CancelledError:
             self._abandon_soon(call)
             raise
-        if frame.get("type") == "done":  # only a cancel ends a one-frame request this way
-            raise RagwsError(CANCELLED, "the request was cancelled", call.id)
+        if frame.get("type") == "done":  # ended without its result: cancel, deadline, shutdown
+            reason = frame.get("finish_reason", CANCELLED)
+            raise RagwsError(reason, f"the request ended without a result ({reason})", call.id)
         return frame
 
     async def _submit(self, request_id: RequestId, fields: Frame) -> _Call:
         """Send one request frame; its replies go to the returned call's queue."""
         frame = {"id": request_id, **{k: v for k, v in fields.items() if v is not None}}
+        if self.deadline_ms is not None:
+            frame.setdefault("deadline_ms", self.deadline_ms)
         data = msgpack.packb(frame, use_bin_type=True)
         conn = await self._connection()
         limit = conn.hello.limits.get("max_frame_bytes")
@@ -934,6 +946,7 @@ class Client:
         max_backoff: float = 4.0,
         open_timeout: float = 30.0,
         heartbeat: float | None = 30.0,
+        deadline_ms: float | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -947,6 +960,7 @@ class Client:
             backoff=backoff,
             max_backoff=max_backoff,
             open_timeout=open_timeout,
+            deadline_ms=deadline_ms,
             heartbeat=heartbeat,
         )
         try:

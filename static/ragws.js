@@ -20,9 +20,11 @@ const { encode, decode } = globalThis.MessagePack ?? (await loadMsgpack(MSGPACK_
 export const STATES = Object.freeze(["connecting", "open", "reconnecting", "closed"]);
 
 /** An error from the server (its `code` and `message`) or from the connection. Codes: the
- * server's (`bad_request`, `too_large`, `overloaded`, `unsupported`, `internal`), and this
- * client's own: `cancelled` (a cancelled `layout`), `disconnected` (the socket dropped while
- * the request was in flight), `closed` (`client.close()` was called). */
+ * server's (`bad_request`, `too_large`, `overloaded`, `unsupported`, `internal`,
+ * `unavailable`); for a `layout` that ended without its result, the reason it ended:
+ * `cancelled`, `timeout` (still queued at its `deadline_ms`), `shutdown`; and this client's
+ * own: `disconnected` (the socket dropped while the request was in flight), `closed`
+ * (`client.close()` was called). */
 export class RagwsError extends Error {
   constructor(code, message, id = null) {
     super(message);
@@ -53,10 +55,11 @@ export class Client extends EventTarget {
   #requests = new Map(); // id → Request, from creation to its last frame
   #outbox = []; // Requests waiting for the socket to open
 
-  constructor(url, { apiKey, onstate, reconnect = true, backoff = {}, WebSocket } = {}) {
+  constructor(url, { apiKey, onstate, reconnect = true, backoff = {}, WebSocket, deadlineMs } = {}) {
     super();
     this.#url = socketUrl(url, apiKey);
     this.#options = {
+      deadlineMs, // sent with every request as deadline_ms (a request's own option wins)
       reconnect,
       backoff: { ...DEFAULT_BACKOFF, ...backoff },
       WebSocket: WebSocket ?? globalThis.WebSocket,
@@ -169,7 +172,14 @@ export class Client extends EventTarget {
         if (request.ended) return;
         let field = name;
         if (type === "parse") field = isPdf(bytes) ? "pdf" : "image";
-        request.frame = { ...definedFields(fields), type, id, [field]: bytes };
+        const deadline = this.#options.deadlineMs;
+        request.frame = {
+          ...(deadline ? { deadline_ms: deadline } : {}),
+          ...definedFields(fields),
+          type,
+          id,
+          [field]: bytes,
+        };
         this.#outbox.push(request);
         this.#flush();
       },
@@ -335,8 +345,10 @@ class Request {
   finish(frame) {
     if (this.ended) return;
     this.ended = true;
-    if (!this.stream && frame.type === "done" && frame.finish_reason === "cancelled") {
-      this._reject(new RagwsError("cancelled", "the request was cancelled", this.id));
+    if (!this.stream && frame.type === "done") {
+      // A one-frame request ended without its result: cancelled, timed out, or shut down.
+      const reason = frame.finish_reason ?? "cancelled";
+      this._reject(new RagwsError(reason, `the request ended without a result (${reason})`, this.id));
     } else {
       this._resolve(frame);
     }

@@ -18,7 +18,7 @@ from typing import Any
 import pymupdf
 import pytest
 
-from .conftest import FIXTURES, PAPER
+from .conftest import FIXTURES, PAPER, render_png
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "test-output" / "browser"
@@ -357,7 +357,7 @@ async def test_viewer_keyboard(start_server, browser, paper_pdf):
 
 
 JS_CLIENT_ERRORS = """
-async ([pdfBase64, smallServer]) => {
+async ([pdfBase64, smallServer, pngBase64]) => {
   const { connect, RagwsError, STATES } = await import("/static/ragws.js");
   const states = [];
   const client = connect(undefined, { apiKey: "k 1", onstate: (s) => states.push(s.state) });
@@ -392,6 +392,14 @@ async ([pdfBase64, smallServer]) => {
   layoutCancel.cancel();
   const cancelled = await failure(layoutCancel);
 
+  // A client-wide deadline goes with every request: 1 ms is over before a page is decoded,
+  // so the layout ends "timeout" and rejects with that code.
+  const hurried = connect(undefined, { deadlineMs: 1 });
+  await hurried.opened();
+  const png = Uint8Array.from(atob(pngBase64), (c) => c.charCodeAt(0));
+  const timedOut = await failure(hurried.layout(png));
+  hurried.close();
+
   // A frame over the server's limit fails locally; the socket stays open.
   const small = connect(smallServer);
   await small.opened();
@@ -404,7 +412,7 @@ async ([pdfBase64, smallServer]) => {
   return {
     STATES, states, url: client.url, hello: hello.type, layout, pdfIter, pdfResult, scale,
     firstPage: firstPage && { page: firstPage.page, type: firstPage.type },
-    left: left.finish_reason, cancelled, tooLarge, smallState, afterClose,
+    left: left.finish_reason, cancelled, timedOut, tooLarge, smallState, afterClose,
   };
 }
 """
@@ -417,7 +425,8 @@ async def test_js_client_errors_and_cancel(start_server, browser, paper_pdf):
     viewer = Viewer(await browser.new_page(), "client")
     await viewer.open(server.url)
     pdf = base64.b64encode(pdf_pages(paper_pdf, 4)).decode()
-    got = await viewer.page.evaluate(JS_CLIENT_ERRORS, [pdf, small.ws_url])
+    png = base64.b64encode(render_png(paper_pdf, 0, 2.0)).decode()
+    got = await viewer.page.evaluate(JS_CLIENT_ERRORS, [pdf, small.ws_url, png])
 
     assert got["STATES"] == ["connecting", "open", "reconnecting", "closed"]
     assert got["states"] == ["connecting", "open", "closed"]
@@ -434,6 +443,7 @@ async def test_js_client_errors_and_cancel(start_server, browser, paper_pdf):
     assert got["firstPage"] == {"page": got["firstPage"]["page"], "type": "page"}
     assert got["left"] == "cancelled"
     assert got["cancelled"]["code"] == "cancelled"
+    assert got["timedOut"]["code"] == "timeout" and got["timedOut"]["ragws"] is True
     assert got["tooLarge"]["code"] == "too_large"
     assert got["smallState"] == "open"
     assert got["afterClose"]["code"] == "closed"

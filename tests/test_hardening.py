@@ -196,6 +196,30 @@ async def test_deadline_ends_a_queued_request_and_spares_started_work(
     assert await server.metric("ragws_inflight_requests") == 0
 
 
+async def test_client_deadline_ends_queued_requests_with_timeout(
+    start_server, paper_pdf, embedded_model
+):
+    from ragws.client import AsyncClient, RagwsError
+
+    model = SlowModel(embedded_model, delay=1.5)
+    server = await start_server(model=model, layout_batch_size=1)
+    page = render_png(paper_pdf, 0, 0.5)
+    async with (
+        AsyncClient.connect(server.ws_url) as patient,
+        AsyncClient.connect(server.ws_url, deadline_ms=150) as hurried,
+    ):
+        first = asyncio.ensure_future(patient.layout(page))
+        await until(model.busy.is_set, what="the model to be busy")
+        with pytest.raises(RagwsError) as refused:
+            await hurried.layout(page)  # a one-frame request: the reason is the error's code
+        assert refused.value.code == "timeout"
+        stream = hurried.pdf(one_page_pdf())
+        async with stream:
+            pages = [p async for p in stream]
+        assert pages == [] and stream.result.finish_reason == "timeout"
+        assert (await first).width > 0
+
+
 async def test_http_deadline_is_504(start_server, connect, paper_pdf, embedded_model):
     model = SlowModel(embedded_model, delay=0.8)
     server = await start_server(model=model, layout_batch_size=1)
