@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,17 @@ class RequestError(Exception):
         self.code = code
         self.message = message
         self.request_id = request_id
+
+
+#: How client values appear in error messages: short, and never nested more than a few levels
+#: (a frame's values can nest a thousand levels deep, past what repr() survives).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
+def shown(value: Any) -> str:
+    """A client-sent value as an error message may quote it."""
+    return _REPR.repr(value)
 
 
 def bad_request(message: str, request_id: RequestId | None = None) -> RequestError:
@@ -180,12 +192,12 @@ def parse_request(frame: Any, limits: Limits) -> Request:
         raise
     if kind in FUTURE_TYPES:
         raise RequestError(
-            ErrorCode.UNSUPPORTED, f"this server does not serve {kind!r} requests", request_id
+            ErrorCode.UNSUPPORTED, f"this server does not serve {shown(kind)} requests", request_id
         )
     if kind is None:
         raise bad_request("missing field 'type'", request_id)
     raise bad_request(
-        f"unknown type {kind!r}; expected one of 'layout', 'pdf', 'ocr', 'parse', 'cancel'",
+        f"unknown type {shown(kind)}; expected one of 'layout', 'pdf', 'ocr', 'parse', 'cancel'",
         request_id,
     )
 
@@ -289,7 +301,7 @@ def _choice(frame: Mapping[str, Any], name: str, choices: tuple[str, ...], defau
     if value is None:
         return default
     if value not in choices:
-        raise bad_request(f"field {name!r} must be one of {', '.join(choices)}, got {value!r}")
+        raise bad_request(f"field {name!r} must be one of {', '.join(choices)}, got {shown(value)}")
     return value
 
 
@@ -298,7 +310,7 @@ def _positive_int(frame: Mapping[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise bad_request(f"field {name!r} must be an integer ≥ 1, got {value!r}")
+        raise bad_request(f"field {name!r} must be an integer ≥ 1, got {shown(value)}")
     return value
 
 
@@ -334,7 +346,7 @@ def _pages(frame: Mapping[str, Any]) -> tuple[int, ...] | None:
         raise too_large(f"field 'pages' lists {len(value)} pages")
     for page in value:
         if isinstance(page, bool) or not isinstance(page, int) or page < 0:
-            raise bad_request(f"field 'pages' must hold integers ≥ 0, got {page!r}")
+            raise bad_request(f"field 'pages' must hold integers ≥ 0, got {shown(page)}")
     if len(set(value)) != len(value):
         raise bad_request("field 'pages' lists a page more than once")
     return tuple(value)

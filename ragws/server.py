@@ -326,7 +326,9 @@ def _form_float(form: dict[str, Any], name: str, default: float, low: float, hig
     try:
         value = float(raw)
     except (TypeError, ValueError):
-        raise protocol.bad_request(f"field {name!r} must be a number, got {raw!r}") from None
+        raise protocol.bad_request(
+            f"field {name!r} must be a number, got {protocol.shown(raw)}"
+        ) from None
     if not low < value <= high:
         raise protocol.bad_request(f"field {name!r} must be in ({low}, {high}], got {value}")
     return value
@@ -500,7 +502,7 @@ def _form_value(name: str, raw: str) -> Any:
         if name == "scale":
             return float(raw)
     except ValueError:
-        raise protocol.bad_request(f"field {name!r} is malformed: {raw!r}") from None
+        raise protocol.bad_request(f"field {name!r} is malformed: {protocol.shown(raw)}") from None
     if name in ("figures", "furniture"):
         return raw.lower() in ("1", "true", "yes", "on")
     return raw
@@ -551,7 +553,9 @@ def _form_int(form: dict[str, Any], name: str) -> int | None:
     try:
         value = int(raw)
     except (TypeError, ValueError):
-        raise protocol.bad_request(f"field {name!r} must be an integer, got {raw!r}") from None
+        raise protocol.bad_request(
+            f"field {name!r} must be an integer, got {protocol.shown(raw)}"
+        ) from None
     if value < 1:
         raise protocol.bad_request(f"field {name!r} must be ≥ 1, got {value}")
     return value

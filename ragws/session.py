@@ -227,6 +227,13 @@ class Session:
             is_cancel = isinstance(frame, dict) and frame.get("type") == "cancel"
             await self._refuse(exc.request_id if not is_cancel else None, exc)
             return
+        except Exception as exc:
+            # A frame this server cannot read is a bug here, never a reason to drop the
+            # socket and the requests multiplexed on it.
+            log.exception("socket %s: a frame could not be read", self.peer)
+            message = f"the server failed to read this frame: {type(exc).__name__}"
+            await self.send_error(None, RequestError(ErrorCode.INTERNAL, message))
+            return
         if isinstance(request, CancelRequest):
             await self._cancel(request.id)
             return
