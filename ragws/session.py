@@ -82,8 +82,8 @@ class Session:
         peer: str,
         transport: asyncio.Transport | None = None,
     ) -> None:
-        """``transport`` is the connection under ``ws``: its write buffer is the socket's
-        send queue, and a client that stops reading is cut off through it."""
+        """``transport`` is the connection under ``ws``: what it buffers counts as queued for
+        the client, and a client that stops reading is cut off through it."""
         self.ws = ws
         self.services = services
         self.peer = peer
@@ -225,7 +225,7 @@ class Session:
             if exc.request_id is None:
                 exc.request_id = protocol.peek_id(frame)
             is_cancel = isinstance(frame, dict) and frame.get("type") == "cancel"
-            await self._refuse(exc.request_id if not is_cancel else None, exc)
+            await self._refuse(exc.request_id, exc, ended=not is_cancel)
             return
         except Exception as exc:
             # A frame this server cannot read is a bug here, never a reason to drop the
@@ -263,14 +263,15 @@ class Session:
         self.inflight[request.id] = task
         task.add_done_callback(functools.partial(self._on_task_done, request.id, kind))
 
-    async def _refuse(self, request_id: RequestId | None, exc: RequestError) -> None:
-        """Answer a request that never started with ``exc``. ``request_id`` then counts as
-        ended, so that a cancel the client sent before it saw the refusal is ignored like any
-        cancel that crosses an end (None: nothing to remember, the frame had no usable id or
-        was itself a cancel)."""
-        if request_id is not None and request_id not in self.inflight:
+    async def _refuse(
+        self, request_id: RequestId | None, exc: RequestError, *, ended: bool = True
+    ) -> None:
+        """Answer a frame that starts no request with ``exc``. A refused request's id then
+        counts as ended, so that a cancel the client sent before it saw the refusal is ignored
+        like any cancel that crosses an end (``ended`` False: the frame was itself a cancel)."""
+        if ended and request_id is not None and request_id not in self.inflight:
             self._remember_ended(request_id)
-        await self.send_error(exc.request_id if request_id is None else request_id, exc)
+        await self.send_error(request_id, exc)
 
     async def _cancel(self, request_id: RequestId) -> None:
         task = self.inflight.get(request_id)
