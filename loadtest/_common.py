@@ -211,15 +211,18 @@ async def scrape(http: aiohttp.ClientSession, target: Target) -> dict[str, float
 
 
 async def gauges_at_rest(
-    http: aiohttp.ClientSession, target: Target, timeout: float = 15.0
+    http: aiohttp.ClientSession,
+    target: Target,
+    timeout: float = 15.0,
+    names: Sequence[str] = GAUGES,
 ) -> tuple[dict[str, float], float]:
-    """Poll :data:`GAUGES` until every one reads 0, for at most ``timeout`` seconds: the last
-    values read, and the seconds it took. Releasing is asynchronous (a cancelled OCR sequence
-    leaves the batch at the engine's next step), so a single read right away proves nothing."""
+    """Poll the gauges ``names`` until every one reads 0, for at most ``timeout`` seconds: the
+    last values read, and the seconds it took. Releasing is asynchronous (a cancelled OCR
+    sequence leaves the batch at the engine's next step), so a single read proves nothing."""
     started = time.monotonic()
     while True:
         metrics = await scrape(http, target)
-        gauges = {name: metrics.get(name, 0.0) for name in GAUGES}
+        gauges = {name: metrics.get(name, 0.0) for name in names}
         elapsed = time.monotonic() - started
         if not any(gauges.values()) or elapsed >= timeout:
             return gauges, round(elapsed, 2)

@@ -46,7 +46,16 @@ import msgpack
 import pymupdf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import FIXTURES, PAPER, Target, log, loopback_target, parse_metrics
+from _common import (
+    FIXTURES,
+    PAPER,
+    Target,
+    gauges_at_rest,
+    log,
+    loopback_target,
+    pyplot,
+    save_chart,
+)
 
 SCENARIOS = ("layout", "pdf", "ocr", "parse", "mixed", "disconnect")
 MIXED = (("layout", 0.5), ("ocr", 0.3), ("pdf", 0.1), ("parse", 0.1))
@@ -260,22 +269,11 @@ async def progress(run: Run) -> None:
         )
 
 
-async def read_gauges(http: aiohttp.ClientSession, target: Target) -> dict[str, float]:
-    async with http.get(target.metrics_url) as resp:
-        samples = parse_metrics(await resp.text())
-    return {name: samples.get(name, 0.0) for name in GAUGES}
-
-
 async def settle(target: Target, timeout: float = 10.0) -> dict[str, Any]:
     """The server's gauges once they reach 0 (or after ``timeout``), and how long that took."""
-    started = time.monotonic()
     async with aiohttp.ClientSession() as http:
-        while True:
-            gauges = await read_gauges(http, target)
-            waited = time.monotonic() - started
-            if not any(gauges.values()) or waited > timeout:
-                return {**gauges, "settled_after_s": round(waited, 2)}
-            await asyncio.sleep(0.2)
+        gauges, waited = await gauges_at_rest(http, target, timeout, GAUGES)
+    return {**gauges, "settled_after_s": waited}
 
 
 async def drive(args: argparse.Namespace, target: Target, inputs: Inputs) -> Run:
@@ -376,11 +374,7 @@ def timeline(run: Run, elapsed: float, window: int) -> list[dict[str, Any]]:
 
 
 def chart(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     with_ttft = summary["scenario"] in (*OCR_KINDS, "mixed")
     panels = 4 if with_ttft else 3
     fig, axes = plt.subplots(panels, 1, figsize=(10, 2.6 * panels), sharex=True)
@@ -414,9 +408,7 @@ def chart(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> Non
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
     axes[-1].set_xlabel("time since start (s)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_chart(fig, out)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -201,19 +201,18 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         return _error_response(
             RequestError(ErrorCode.UNAVAILABLE, services.admission.overloaded_message())
         )
+    # The send queue is the session's (ragws.outbox); below it, the connection buffers no
+    # more than this, so send_queue_bytes is what a slow reader can make us hold.
+    buffered = min(TRANSPORT_BUFFER, settings.send_queue_bytes)
     ws = web.WebSocketResponse(
         max_msg_size=settings.max_frame_bytes,
         heartbeat=settings.heartbeat_s or None,
         compress=False,  # page images do not compress; deflating them only costs CPU
-        writer_limit=min(TRANSPORT_BUFFER, settings.send_queue_bytes),
+        writer_limit=buffered,
     )
     await ws.prepare(request)
     if request.transport is not None:
-        # The send queue is the session's (ragws.outbox); below it, the connection buffers
-        # no more than this, so send_queue_bytes is what a slow reader can make us hold.
-        request.transport.set_write_buffer_limits(
-            high=min(TRANSPORT_BUFFER, settings.send_queue_bytes)
-        )
+        request.transport.set_write_buffer_limits(high=buffered)
     await Session(ws, services, peer=_peer(request), transport=request.transport).run()
     return ws
 
