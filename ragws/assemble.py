@@ -1,13 +1,13 @@
-"""From layout regions with text to what a RAG pipeline stores: reading order, markdown, chunks.
+"""Blocks of a page and what a RAG pipeline stores of them: reading order, markdown, chunks.
 
-The parse pipeline hands this module one page at a time as :class:`Block` s (a region's type,
-box and text). Here they get:
+The parse pipeline hands this module one page at a time as :class:`Block` s (typed by
+:mod:`ragws.structure`). Here they get:
 
-* block types that mean the same whatever layout model found them (:func:`normalize_label`);
 * a column-aware reading order (:func:`reading_order`);
-* markdown per page and per document (:func:`page_markdown`, :func:`document_markdown`);
-* chunks cut on block boundaries, each knowing the pages and boxes it came from
-  (:func:`chunk_blocks`), so an answer can be traced back to the page.
+* markdown per block, per page and per document (:func:`render`, :func:`page_markdown`,
+  :func:`document_markdown`);
+* chunks cut on block boundaries, each knowing the pages and boxes it came from and the
+  section headings it falls under (:func:`chunk_blocks`), so an answer can be traced back.
 
 Everything here is pure: no I/O, no models, no event loop. Geometry is in the pixels of the
 rendered page the layout model saw.
@@ -17,97 +17,42 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .tables import Table
 
 BBox = tuple[float, float, float, float]  # x0, y0, x1, y1
 
+#: Block types, whatever layout model found the regions (see ragws.structure).
 BLOCK_TYPES: tuple[str, ...] = (
     "title",
+    "heading",
     "text",
     "list",
-    "figure",
-    "figure_caption",
+    "code",
     "table",
-    "table_caption",
-    "table_footnote",
     "equation",
-    "equation_caption",
+    "figure",
+    "caption",
+    "footnote",
     "header",
     "footer",
-    "reference",
-    "abandon",
 )
-# Types whose text is prose, read as plain text (by the PDF text layer or plain OCR).
-TEXT_TYPES: frozenset[str] = frozenset(
-    {
-        "title",
-        "text",
-        "list",
-        "figure_caption",
-        "table_caption",
-        "table_footnote",
-        "equation_caption",
-        "header",
-        "footer",
-        "reference",
-    }
-)
-# Page furniture: repeated on every page and noise to a reader, so left out of markdown by default.
-FURNITURE: frozenset[str] = frozenset({"header", "footer", "abandon"})
-
-# Class names of the layout models in use, and common synonyms, after _label_key. Names that
-# are already a block type (CDLA's whole class list, most of DocStructBench's) map to themselves.
-_LABEL_ALIASES: dict[str, str] = {
-    # DocLayout-YOLO, DocStructBench
-    "plain_text": "text",
-    "isolate_formula": "equation",
-    "formula_caption": "equation_caption",
-    # synonyms (DocLayNet, PP-DocLayout, MinerU and the like)
-    "paragraph": "text",
-    "section_header": "title",
-    "heading": "title",
-    "doc_title": "title",
-    "paragraph_title": "title",
-    "caption": "figure_caption",
-    "figure_title": "figure_caption",
-    "table_title": "table_caption",
-    "formula": "equation",
-    "isolated_formula": "equation",
-    "interline_equation": "equation",
-    "page_header": "header",
-    "page_footer": "footer",
-    "list_item": "list",
-    "picture": "figure",
-    "image": "figure",
-    "chart": "figure",
-}
-
-
-def _label_key(label: str) -> str:
-    return re.sub(r"[\s\-_]+", "_", label.strip().lower()).strip("_")
-
-
-def normalize_label(label: str) -> str:
-    """The block type for a layout model's class name.
-
-    Case, spaces and hyphens do not matter (``"Plain Text"`` is ``plain_text``). A name not
-    known here becomes ``"text"``: its content is then still read and kept, never dropped.
-    """
-    key = _label_key(label)
-    if key in BLOCK_TYPES:
-        return key
-    return _LABEL_ALIASES.get(key, "text")
+#: Page furniture: repeated on every page and noise to a reader, so left out of markdown by default.
+FURNITURE: frozenset[str] = frozenset({"header", "footer"})
+HEADINGS: frozenset[str] = frozenset({"title", "heading"})
 
 
 @dataclass(slots=True)
 class Block:
-    """One layout region of a page, with its text once read.
+    """One block of a page: a heading, a paragraph, a list, a table, a figure …
 
-    Mutable on purpose: :func:`reading_order` writes ``order`` and the parse pipeline fills
-    ``text`` and ``image`` after layout. Functions that need to tell blocks apart use their
-    identity, not their value.
+    Mutable on purpose: :func:`reading_order` writes ``order``, :func:`set_markdown` writes
+    ``markdown`` and the parse pipeline adds ``image``. Functions that need to tell blocks
+    apart use their identity, not their value.
     """
 
     type: str  # one of BLOCK_TYPES
@@ -118,10 +63,14 @@ class Block:
     score: float = 1.0  # layout confidence
     order: int = -1  # position in reading order on its page, set by reading_order
     image: bytes | None = None  # JPEG crop of a figure, when the client asked for it
+    level: int | None = None  # headings: 1 for the title, 2.. for sections
+    items: list[dict[str, Any]] | None = None  # lists: {"text", "level", "marker"} per item
+    table: Table | None = None  # tables: the cells, when a grid could be read
+    markdown: str = ""  # set by set_markdown
 
     def __post_init__(self) -> None:
         if self.type not in BLOCK_TYPES:
-            raise ValueError(f"unknown block type {self.type!r}; see normalize_label")
+            raise ValueError(f"unknown block type {self.type!r}; one of {BLOCK_TYPES}")
 
     def to_dict(self) -> dict[str, Any]:
         """The block as a result frame carries it (the frame carries the page)."""
@@ -129,10 +78,18 @@ class Block:
             "type": self.type,
             "bbox": _round_bbox(self.bbox),
             "text": self.text,
+            "markdown": self.markdown,
             "order": self.order,
             "source": self.source,
             "score": round(float(self.score), 4),
         }
+        if self.level is not None:
+            out["level"] = self.level
+        if self.items is not None:
+            out["items"] = [dict(item) for item in self.items]
+        if self.table is not None:
+            out["html"] = self.table.to_html()
+            out["cells"] = [cell.to_dict() for cell in self.table.cells]
         if self.image is not None:
             out["image"] = self.image
         return out
@@ -332,7 +289,7 @@ class _Geometry:
 
 _TABLE_MARKUP = re.compile(r"^\s*\||<table|<tr|\\begin\{", re.IGNORECASE)
 _DISPLAY_MATH = ("$$", "\\[", "\\begin")
-_LATEX_CHARS = frozenset("\\^_{")
+_NUMBERED_MARKER = re.compile(r"^\(?(\d{1,3})[.)]\)?$")
 
 
 def _prose(text: str) -> str:
@@ -350,6 +307,7 @@ def _verbatim(text: str) -> str:
 
 
 def _equation(text: str) -> str:
+    """One display block, number included; markup an OCR model wrote is kept as written."""
     text = text.strip()
     if any(mark in text for mark in _DISPLAY_MATH):
         return _verbatim(text)
@@ -358,33 +316,72 @@ def _equation(text: str) -> str:
         text = text[1:-1].strip()
     elif text.startswith("\\(") and text.endswith("\\)"):
         text = text[2:-2].strip()
-    if _LATEX_CHARS.isdisjoint(text):
-        return _prose(text)
     return f"$$\n{_lines(text)}\n$$"
 
 
-def _render(block: Block, level: int, figure_k: int) -> str:
-    """One block's markdown: one paragraph, with no blank line inside. Empty means skip."""
-    if block.type == "figure":
-        return f"![figure](#page-{block.page + 1}-figure-{figure_k})"
+def _list(items: Sequence[dict[str, Any]]) -> str:
+    """Nested markdown list items: each nested item indented to its parent's text."""
+    out: list[str] = []
+    offsets: list[int] = []  # where the text of the open item at each level starts
+    for item in items:
+        offsets = offsets[: max(0, int(item.get("level", 0)))]
+        indent = offsets[-1] if offsets else 0
+        marker = str(item.get("marker") or "-")
+        number = _NUMBERED_MARKER.match(marker)
+        if number:
+            prefix = f"{number.group(1)}. "
+        elif marker in ("-", "*", "+"):
+            prefix = "- "
+        else:
+            prefix = f"- {marker} "  # (a), i.: kept as written, in a bullet item
+        offsets.append(indent + (len(prefix) if number or prefix == "- " else 2))
+        out.append(" " * indent + prefix + _prose(str(item.get("text", ""))))
+    return "\n".join(out)
+
+
+def _code(text: str) -> str:
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}\n{text.rstrip()}\n{fence}"
+
+
+def render(block: Block, figure_k: int = 1) -> str:
+    """One block's markdown; empty for an empty block. Blank lines occur only inside code."""
+    kind = block.type
+    if kind == "figure":
+        placeholder = f"![figure](#page-{block.page + 1}-figure-{figure_k})"
+        text = _lines(block.text)
+        return f"{placeholder}\n\n{text}" if text else placeholder
+    if kind == "table" and block.table is not None and block.table.cells:
+        return block.table.to_markdown()
     if not block.text.strip():
         return ""
-    if block.type == "title":
-        return f"{'#' * level} {_prose(block.text)}"
-    if block.type == "list":
-        return _lines(block.text)
-    if block.type == "table":
+    if kind in HEADINGS:
+        level = block.level or (1 if kind == "title" else 2)
+        return f"{'#' * min(6, max(1, level))} {_prose(block.text)}"
+    if kind == "list":
+        return _list(block.items) if block.items else _lines(block.text)
+    if kind == "code":
+        return _code(block.text)
+    if kind == "table":
         return _verbatim(block.text) if _TABLE_MARKUP.search(block.text) else _lines(block.text)
-    if block.type == "equation":
+    if kind == "equation":
         return _equation(block.text)
     return _prose(block.text)
 
 
-def _rendered(
-    blocks: Sequence[Block],
-    include_furniture: bool,
-    title_level: Callable[[Block], int] | None,
-) -> Iterator[tuple[Block, str]]:
+def set_markdown(blocks: Sequence[Block]) -> None:
+    """Write each block's own markdown into ``block.markdown`` (blocks of one page, in
+    reading order: figures are numbered on their page in that order)."""
+    figures = 0
+    for block in blocks:
+        if block.type == "figure":
+            figures += 1
+        block.markdown = render(block, figures)
+
+
+def _rendered(blocks: Sequence[Block], include_furniture: bool) -> Iterator[tuple[Block, str]]:
     """Each kept block of one page with its markdown, in the order given."""
     figures = 0
     for block in blocks:
@@ -392,59 +389,27 @@ def _rendered(
             figures += 1
         if block.type in FURNITURE and not include_furniture:
             continue
-        level = title_level(block) if title_level is not None and block.type == "title" else 2
-        markdown = _render(block, level, figures)
+        markdown = block.markdown or render(block, figures)
         if markdown:
             yield block, markdown
 
 
-def page_markdown(
-    blocks: Sequence[Block],
-    *,
-    include_furniture: bool = False,
-    title_level: Callable[[Block], int] | None = None,
-) -> str:
+def page_markdown(blocks: Sequence[Block], *, include_furniture: bool = False) -> str:
     """Markdown of one page's blocks, taken in the order given (normally reading order).
 
-    Titles become headings (level from ``title_level``, else 2); prose becomes paragraphs with
-    line breaks folded, lists keep theirs; tables and equations already written as markup are
-    kept as written, and an equation with LaTeX in it becomes a ``$$`` block; a figure becomes
-    a placeholder ``![figure](#page-P-figure-K)`` its caption block follows. Headers, footers
-    and ``abandon`` blocks are left out unless ``include_furniture``, as are empty blocks.
-    Blocks are separated by one blank line.
+    Titles and headings become ``#`` headings at their level, prose becomes paragraphs, lists
+    nested markdown lists, code fenced blocks, tables pipe tables (HTML where a cell spans
+    rows or columns), equations ``$$`` blocks; a figure becomes a placeholder
+    ``![figure](#page-P-figure-K)`` followed by the text it holds. Headers and footers are
+    left out unless ``include_furniture``, as are empty blocks. Blocks are separated by one
+    blank line.
     """
-    return "\n\n".join(md for _, md in _rendered(blocks, include_furniture, title_level))
-
-
-def title_levels(pages: Sequence[Sequence[Block]]) -> Callable[[Block], int]:
-    """Heading levels for a document's titles: 1 for the document title, 2 for the others.
-
-    The document title is the first title on the first page that has one, provided it is
-    among that page's first three shown blocks (furniture and empty blocks do not count); a
-    title further down is a section heading. Blocks are told apart by identity.
-    """
-    doc_title: int | None = None
-    for blocks in pages:
-        shown = [b for b, _ in _rendered(blocks, False, None)]
-        first = next((n for n, b in enumerate(shown) if b.type == "title"), None)
-        if first is not None:
-            if first < 3:
-                doc_title = id(shown[first])
-            break
-
-    def level(block: Block) -> int:
-        return 1 if id(block) == doc_title else 2
-
-    return level
+    return "\n\n".join(md for _, md in _rendered(blocks, include_furniture))
 
 
 def document_markdown(pages: Sequence[Sequence[Block]], *, include_furniture: bool = False) -> str:
     """Every page's markdown, one blank line apart; pages with nothing to show are skipped."""
-    level = title_levels(pages)
-    rendered = (
-        page_markdown(blocks, include_furniture=include_furniture, title_level=level)
-        for blocks in pages
-    )
+    rendered = (page_markdown(blocks, include_furniture=include_furniture) for blocks in pages)
     return "\n\n".join(md for md in rendered if md)
 
 
@@ -458,12 +423,14 @@ class Chunk:
     text: str
     pages: list[int]  # sorted, unique, 0-based
     bboxes: list[tuple[int, BBox]]  # (page, bbox) of each block in it, in order
+    headings: list[str] = field(default_factory=list)  # the section path at its first block
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,
             "pages": list(self.pages),
             "bboxes": [{"page": p, "bbox": _round_bbox(b)} for p, b in self.bboxes],
+            "headings": list(self.headings),
         }
 
 
@@ -473,6 +440,7 @@ class _Piece:
     page: int
     bbox: BBox
     heading: bool
+    path: tuple[str, ...] = ()  # headings in force at this block, outermost first
 
 
 def _joined_len(pieces: Sequence[_Piece]) -> int:
@@ -517,7 +485,22 @@ def _chunk(pieces: Sequence[_Piece]) -> Chunk:
         text="\n\n".join(p.text for p in pieces),
         pages=sorted({p.page for p in pieces}),
         bboxes=[(p.page, p.bbox) for p in pieces],
+        headings=list(pieces[0].path),
     )
+
+
+class _HeadingPath:
+    """The section headings in force while walking a document's blocks in order."""
+
+    def __init__(self) -> None:
+        self._open: list[tuple[int, str]] = []
+
+    def see(self, block: Block) -> tuple[str, ...]:
+        if block.type == "heading" and block.text.strip():
+            level = block.level or 2
+            self._open = [(lv, text) for lv, text in self._open if lv < level]
+            self._open.append((level, _prose(block.text)))
+        return tuple(text for _, text in self._open)
 
 
 def chunk_blocks(
@@ -542,7 +525,7 @@ def chunk_blocks(
     """
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be ≥ 1, got {chunk_chars}")
-    level = title_levels(pages)
+    path = _HeadingPath()
     chunks: list[Chunk] = []
     current: list[_Piece] = []
 
@@ -551,8 +534,10 @@ def chunk_blocks(
             chunks.append(_chunk(pieces))
 
     for blocks in pages:
-        for block, markdown in _rendered(blocks, include_furniture, level):
-            piece = _Piece(markdown, block.page, block.bbox, block.type == "title")
+        for block, markdown in _rendered(blocks, include_furniture):
+            piece = _Piece(
+                markdown, block.page, block.bbox, block.type in HEADINGS, path.see(block)
+            )
             if len(markdown) > chunk_chars:
                 body, headings = _trailing_headings(current)
                 emit(body)
@@ -562,11 +547,11 @@ def chunk_blocks(
                     room = chunk_chars - _joined_len(headings) - 2
                     if room >= max(1, chunk_chars // 4):
                         head, rest = _take(rest, room)
-                        emit([*headings, _Piece(head, piece.page, piece.bbox, False)])
+                        emit([*headings, _Piece(head, piece.page, piece.bbox, False, piece.path)])
                     else:
                         emit(headings)
                 for part in _split(rest, chunk_chars):
-                    emit([_Piece(part, piece.page, piece.bbox, False)])
+                    emit([_Piece(part, piece.page, piece.bbox, False, piece.path)])
                 continue
             if piece.heading and 2 * _joined_len(current) >= chunk_chars:
                 body, headings = _trailing_headings(current)

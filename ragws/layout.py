@@ -137,6 +137,10 @@ class LayoutService:
         """The page's text-layer words, in PDF points (PDF thread)."""
         return await self._run(self._pdf, plan.doc.words, page)
 
+    async def on_pdf_thread(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn`` on the PDF thread: any call into an open document must."""
+        return await self._run(self._pdf, fn, *args)
+
     async def open_pdf(self, data: bytes, pages: tuple[int, ...] | None) -> PdfPlan:
         """Open and validate a PDF; errors surface here, before any page frame is sent.
 

@@ -1,75 +1,71 @@
-"""The parse pipeline: PDF or image → layout → text of each region → blocks, markdown, chunks.
+"""The parse pipeline: PDF or image → layout → lines → blocks, markdown, chunks.
 
-For every page, concurrently up to a window of pages per document:
+For a PDF, the text layer of every selected page is read first (lines with their fonts, on the
+PDF thread) and the document's style decided from all of it: body size, heading styles, the
+title, running headers and footers (:func:`ragws.structure.analyze`). Then for every page,
+concurrently up to a window of pages per document:
 
 1. **render** the page (pymupdf, on the PDF thread) or take the sent image;
 2. **layout** through the shared dynamic batcher (the same queue as ``layout``/``pdf`` requests);
-3. **text** for each region, from one of two sources:
+3. **lines** from one of two sources:
 
-   * ``pdf`` — the page's own text layer, the words whose centre lies in the region;
-   * ``ocr`` — the OCR backend reads the regions. Text-like regions (text, titles, captions,
-     headers, footers, references, lists) are read as plain text; tables and equations in
-     ``format`` mode when the backend produces markup (GOT-OCR2), else plain. Figures are not
-     read: they become a block with their bbox (and, when asked, their crop as JPEG).
+   * ``pdf`` — the page's own text layer;
+   * ``ocr`` — the OCR backend: the embedded line OCR reads every line of the page (detection
+     once per page, recognition batched across clients); GOT-OCR2 reads each region (tables
+     and equations in ``format`` mode, so they come back as markup).
 
-   ``text="auto"`` takes the PDF's text where a region has any and OCRs the rest (a scanned
-   page, a figure of text, a region drawn as vector paths); with GOT-OCR2, tables and equations
-   go to OCR even on born-digital pages, because its markup beats a flattened text layer.
-   All regions of all pages of all clients share the OCR batches (line recognition batches for
-   the embedded backend, the running batch for GOT-OCR2);
-4. **assemble**: reading order, markdown, and at the end RAG chunks (:mod:`ragws.assemble`).
+   ``text="auto"`` takes the text layer where the page has one, OCRs regions that have no text
+   in it (a figure of text, a region drawn as paths), and OCRs pages without a text layer;
+4. **tables**: pymupdf's table finder inside each table region of a born-digital page, else
+   the table-structure model on the region's crop with the words already read;
+5. **blocks** (:func:`ragws.structure.build_blocks`): every line in exactly one block, typed by
+   its region and its typography, in reading order; markdown per block
+   (:mod:`ragws.assemble`); at the end the document's markdown and its RAG chunks.
 
 Pages are yielded as they complete; cancelling the consumer cancels every page task of the
-request, which withdraws its queued layout pages and OCR lines or sequences.
+request, which withdraws its queued layout pages, OCR lines or sequences and table crops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .assemble import (
-    FURNITURE,
-    Block,
-    Chunk,
-    area,
-    chunk_blocks,
-    document_markdown,
-    normalize_label,
-    overlap,
-    page_markdown,
-    reading_order,
-    title_levels,
-)
+from .assemble import Block, Chunk, chunk_blocks, document_markdown, page_markdown, set_markdown
 from .documents import decode_image, encode_jpeg
 from .layout import LayoutService, PdfPlan
 from .metrics import Metrics
 from .ocr import OcrBackend
 from .protocol import ErrorCode, ParseRequest, RequestError
+from .structure import (
+    DocumentStyle,
+    PageInput,
+    Region,
+    analyze,
+    assign_lines,
+    build_blocks,
+    page_style,
+    region_kind,
+    resolve_regions,
+)
+from .textlayer import BBox, Line, ocr_line
 from .window import windowed
 
-Box = tuple[float, float, float, float]
-Word = tuple[float, float, float, float, str, int, int, int]
+if TYPE_CHECKING:
+    from .table_service import TableStructureService
+    from .tables import Table
 
-#: Region types OCR'd in ``format`` mode when the backend produces markup.
-MARKUP_TYPES = frozenset({"table", "equation"})
-#: Region types that are never read: their content is not text.
-UNREAD_TYPES = frozenset({"figure"})
-#: A block this much inside another is part of it, not a block of its own.
-CONTAINED = 0.8
-#: Types whose line breaks are layout, not content (hyphenated breaks are joined).
-PROSE_TYPES = frozenset(
-    {"text", "title", "figure_caption", "table_caption", "table_footnote", "equation_caption"}
-    | {"reference", "header", "footer", "abandon"}
-)
-_BROKEN_WORD = re.compile(r"([^\W\d_])-\n([a-z]\S*)")
+#: Region kinds whose text is read when the text layer has none for them.
+READ_KINDS = frozenset({"text", "title", "list", "caption", "footnote", "header", "footer"})
+#: Region kinds GOT-OCR2 reads in ``format`` mode (markup), when the backend has markup.
+MARKUP_KINDS = frozenset({"table", "equation"})
 
 
 @dataclass(slots=True)
@@ -111,6 +107,15 @@ class ParsedDocument:
     page_count: int = 1
 
 
+@dataclass(slots=True)
+class TextLayer:
+    """A PDF's text layer, read once per request: lines and bullets per page (points)."""
+
+    lines: dict[int, list[Line]] = field(default_factory=dict)
+    bullets: dict[int, list[BBox]] = field(default_factory=dict)
+    style: DocumentStyle = field(default_factory=DocumentStyle)
+
+
 class ParseService:
     def __init__(
         self,
@@ -121,9 +126,12 @@ class ParseService:
         *,
         max_image_pixels: int,
         pages_in_flight: int = 4,
+        tables: TableStructureService | None = None,
     ) -> None:
+        """``tables`` reads the grid of tables that have no text layer to find it from."""
         self.layout = layout
         self.ocr = ocr
+        self.tables = tables
         self.metrics = metrics
         self._pool = pool
         self._max_pixels = max_image_pixels
@@ -142,9 +150,12 @@ class ParseService:
             plan = await self.layout.open_pdf(request.document, request.pages)
             page_count = plan.doc.page_count
             try:
+                layer = TextLayer()
+                if request.text != "ocr":
+                    layer = await self.layout.on_pdf_thread(read_text_layer, plan)
                 # Closed explicitly: an abandoned async generator would keep its page tasks
                 # running until garbage collection.
-                async with contextlib.aclosing(self._pdf_pages(plan, request)) as pages:
+                async with contextlib.aclosing(self._pdf_pages(plan, layer, request)) as pages:
                     async for page in pages:
                         page.pages, page.page_count = len(plan.pages), page_count
                         done.append(page)
@@ -154,7 +165,7 @@ class ParseService:
         else:
             started = time.monotonic()
             rgb = await self._run(decode_image, request.document, self._max_pixels)
-            page = await self._page(rgb, 0, None, request, started)
+            page = await self._page(rgb, 0, [], [], None, request, started, None)
             done.append(page)
             yield page
         done.sort(key=lambda p: p.page)
@@ -170,17 +181,21 @@ class ParseService:
 
     # --- pages ----------------------------------------------------------------------------
 
-    def _pdf_pages(self, plan: PdfPlan, request: ParseRequest) -> AsyncIterator[ParsedPage]:
+    def _pdf_pages(
+        self, plan: PdfPlan, layer: TextLayer, request: ParseRequest
+    ) -> AsyncIterator[ParsedPage]:
         # Pages run concurrently so that their layout and OCR work batches, within a window so
         # that a long document holds few rendered pages at once, and its first pages finish
         # (and stream) first instead of every page finishing near the end.
+        scale = request.scale
+
         async def one(page: int) -> ParsedPage:
             started = time.monotonic()
-            rgb = await self.layout.render_page(plan, page, request.scale)
-            words = None
-            if request.text != "ocr":
-                words = await self.layout.page_words(plan, page)
-            return await self._page(rgb, page, words, request, started)
+            rgb = await self.layout.render_page(plan, page, scale)
+            lines = [line.scaled(scale) for line in layer.lines.get(page, ())]
+            bullets = [_scaled(b, scale) for b in layer.bullets.get(page, ())]
+            style = layer.style if lines else None
+            return await self._page(rgb, page, lines, bullets, style, request, started, plan)
 
         return windowed(plan.pages, one, self.pages_in_flight)
 
@@ -188,79 +203,123 @@ class ParseService:
         self,
         rgb: np.ndarray,
         page: int,
-        words: list[Word] | None,
+        lines: list[Line],
+        bullets: list[BBox],
+        style: DocumentStyle | None,
         request: ParseRequest,
         started: float,
+        plan: PdfPlan | None,
     ) -> ParsedPage:
         height, width = rgb.shape[:2]
         layout = await self.layout.detect_array(rgb, page, started)
         layout_ms = (time.monotonic() - started) * 1000
         det = layout.detections
-        blocks = [
-            Block(
-                type=normalize_label(label),
-                bbox=tuple(float(v) for v in box),  # type: ignore[arg-type]
+        regions = resolve_regions(
+            [
+                Region(region_kind(label), tuple(float(v) for v in box), float(score))  # type: ignore[arg-type]
+                for box, label, score in zip(det.boxes, det.labels, det.scores, strict=True)
+            ]
+        )
+        texts: dict[int, str] = {}
+        if not lines and request.text != "pdf" and self.ocr is not None:
+            lines, texts = await self._ocr_page(rgb, regions)
+            style = page_style(lines, page, height) if lines else DocumentStyle()
+        elif lines and request.text == "auto" and self.ocr is not None:
+            texts = await self._ocr_regions_without_text(rgb, regions, lines)
+        tables = await self._tables(rgb, regions, lines, plan, page, request.scale)
+        blocks = build_blocks(
+            PageInput(
                 page=page,
-                score=float(score),
+                width=width,
+                height=height,
+                regions=regions,
+                lines=lines,
+                style=style or DocumentStyle(),
+                bullets=bullets,
+                tables=tables,
+                texts=texts,
             )
-            for box, label, score in zip(det.boxes, det.labels, det.scores, strict=True)
-        ]
-        blocks = drop_contained(blocks)
-        pixel_words = scale_words(words or [], request.scale) if request.text != "ocr" else []
-        fallback = not blocks
-        if fallback:
-            # Layout found nothing (a blank page, or a page unlike any it was trained on):
-            # read the page as one block rather than lose its text.
-            blocks = [Block(type="text", bbox=(0.0, 0.0, float(width), float(height)), page=page)]
-        await self._fill_text(rgb, blocks, pixel_words, request)
-        if fallback and not blocks[0].text:
-            blocks = []
+        )
         if request.figures:
             await self._attach_figures(rgb, blocks)
-        ordered = reading_order(blocks, width, height)
-        sources = {b.source for b in ordered if b.source != "none"}
+        set_markdown(blocks)
+        sources = {b.source for b in blocks if b.source != "none"}
         source = sources.pop() if len(sources) == 1 else ("mixed" if sources else "none")
         self.metrics.parse_pages_total.labels(source).inc()
         return ParsedPage(
             page=page,
             width=width,
             height=height,
-            blocks=ordered,
-            # On the first page the document title is a level-1 heading, as in the document's
-            # markdown; later pages cannot know, and use level 2 for every title.
-            markdown=page_markdown(
-                ordered,
-                include_furniture=request.furniture,
-                title_level=title_levels([ordered]) if page == 0 else None,
-            ),
+            blocks=blocks,
+            markdown=page_markdown(blocks, include_furniture=request.furniture),
             source=source,
             layout_ms=layout_ms,
             total_ms=(time.monotonic() - started) * 1000,
         )
 
-    async def _fill_text(
-        self, rgb: np.ndarray, blocks: list[Block], words: list[Word], request: ParseRequest
-    ) -> None:
-        markup = self.ocr is not None and self.ocr.markup
-        pdf_texts = assign_words(words, [b.bbox for b in blocks]) if words else [""] * len(blocks)
-        to_ocr: list[Block] = []
-        for block, pdf_text in zip(blocks, pdf_texts, strict=True):
-            if block.type in UNREAD_TYPES:
-                continue
-            prefer_ocr = request.text == "ocr" or (markup and block.type in MARKUP_TYPES)
-            if pdf_text and not prefer_ocr:
-                block.text, block.source = pdf_text, "pdf"
-            elif request.text != "pdf" and self.ocr is not None:
-                to_ocr.append(block)
-        if to_ocr:
-            assert self.ocr is not None
-            modes = ["format" if markup and b.type in MARKUP_TYPES else "plain" for b in to_ocr]
-            texts = await self.ocr.read_regions(rgb, [b.bbox for b in to_ocr], modes)
-            for block, text in zip(to_ocr, texts, strict=True):
-                block.text, block.source = text.strip(), "ocr"
-        for block in blocks:
-            if block.type in PROSE_TYPES:
-                block.text = dehyphenate(block.text)
+    async def _ocr_page(
+        self, rgb: np.ndarray, regions: list[Region]
+    ) -> tuple[list[Line], dict[int, str]]:
+        """A page without a text layer: every line the line OCR finds, or for a backend that
+        reads regions (GOT-OCR2) the text of every region, markup for tables and equations."""
+        assert self.ocr is not None
+        found = await self.ocr.read_page_lines(rgb)
+        if found is not None:
+            return [ocr_line(text, box) for text, box in found], {}
+        if not regions:
+            height, width = rgb.shape[:2]
+            regions.append(Region("text", (0.0, 0.0, float(width), float(height))))
+        wanted = [i for i, r in enumerate(regions) if r.kind != "figure"]
+        return [], await self._read(rgb, regions, wanted)
+
+    async def _ocr_regions_without_text(
+        self, rgb: np.ndarray, regions: list[Region], lines: list[Line]
+    ) -> dict[int, str]:
+        """Regions a born-digital page has no text for (a figure of text, paths): OCR'd."""
+        owned = set(assign_lines(lines, regions))
+        wanted = [i for i, r in enumerate(regions) if r.kind in READ_KINDS and i not in owned]
+        return await self._read(rgb, regions, wanted) if wanted else {}
+
+    async def _read(
+        self, rgb: np.ndarray, regions: list[Region], wanted: list[int]
+    ) -> dict[int, str]:
+        assert self.ocr is not None
+        markup = self.ocr.markup
+        modes = [
+            "format" if markup and regions[i].kind in MARKUP_KINDS else "plain" for i in wanted
+        ]
+        texts = await self.ocr.read_regions(rgb, [regions[i].bbox for i in wanted], modes)
+        return {i: text.strip() for i, text in zip(wanted, texts, strict=True) if text.strip()}
+
+    async def _tables(
+        self,
+        rgb: np.ndarray,
+        regions: list[Region],
+        lines: list[Line],
+        plan: PdfPlan | None,
+        page: int,
+        scale: float,
+    ) -> dict[int, Table]:
+        """The grid of each table region: pymupdf's table finder on a born-digital page, else
+        the table-structure model on the crop, with the words already read as cell text."""
+        found: dict[int, Table] = {}
+        wanted = [i for i, r in enumerate(regions) if r.kind == "table"]
+        if not wanted:
+            return found
+        owners = assign_lines(lines, regions)
+        for i in wanted:
+            mine = [ln for ln, owner in zip(lines, owners, strict=True) if owner == i]
+            table = None
+            if plan is not None and mine and mine[0].source == "pdf":
+                clip = _scaled(regions[i].bbox, 1 / scale)
+                table = await self.layout.on_pdf_thread(plan.doc.table, page, clip)
+                if table is not None:
+                    table = table.scaled(scale)
+            if table is None and mine and self.tables is not None:
+                table = await self.tables.recognize_region(rgb, regions[i].bbox, mine)
+            if table is not None and table.cells:
+                found[i] = table
+        return found
 
     async def _attach_figures(self, rgb: np.ndarray, blocks: Sequence[Block]) -> None:
         for block in blocks:
@@ -274,89 +333,17 @@ class ParseService:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
 
-# --- pure helpers -------------------------------------------------------------------------------
+def read_text_layer(plan: PdfPlan) -> TextLayer:
+    """Every selected page's lines and bullets, and the document's style (PDF thread)."""
+    layer = TextLayer()
+    pages = []
+    for page in plan.pages:
+        lines, bullets = plan.doc.lines(page)
+        layer.lines[page], layer.bullets[page] = lines, bullets
+        pages.append((page, plan.doc.page_size(page)[1], lines))
+    layer.style = analyze(pages)
+    return layer
 
 
-def scale_words(words: Sequence[Word], scale: float) -> list[Word]:
-    """Text-layer words from PDF points to the rendered page's pixels."""
-    return [
-        (w[0] * scale, w[1] * scale, w[2] * scale, w[3] * scale, w[4], w[5], w[6], w[7])
-        for w in words
-    ]
-
-
-def assign_words(words: Sequence[Word], boxes: Sequence[Box]) -> list[str]:
-    """The text of each box from text-layer words: a word belongs to the smallest box holding
-    its centre (so overlapping regions never repeat it); lines keep the PDF's own order."""
-    owned: list[list[Word]] = [[] for _ in boxes]
-    for word in words:
-        if not word[4].strip():
-            continue
-        owner = smallest_holder(((word[0] + word[2]) / 2, (word[1] + word[3]) / 2), boxes)
-        if owner is not None:
-            owned[owner].append(word)
-    texts = []
-    for mine in owned:
-        lines: dict[tuple[int, int], list[Word]] = {}
-        for w in mine:
-            lines.setdefault((w[5], w[6]), []).append(w)
-        ordered = sorted(
-            lines.values(), key=lambda ws: (min(w[1] for w in ws), min(w[0] for w in ws))
-        )
-        line_text = (" ".join(w[4] for w in sorted(ws, key=lambda w: w[7])) for ws in ordered)
-        texts.append("\n".join(line_text))
-    return texts
-
-
-def smallest_holder(point: tuple[float, float], boxes: Sequence[Box]) -> int | None:
-    """Index of the smallest box containing ``point``, or None."""
-    x, y = point
-    holding = [(area(b), i) for i, b in enumerate(boxes) if b[0] <= x <= b[2] and b[1] <= y <= b[3]]
-    return min(holding)[1] if holding else None
-
-
-def dehyphenate(text: str) -> str:
-    """Join words broken across lines by a hyphen: "cap-" + "ture" → "capture", but "end-" +
-    "to-end" → "end-to-end" (a continuation with a hyphen of its own is a compound)."""
-
-    def join(match: re.Match[str]) -> str:
-        rest = match.group(2)
-        return match.group(1) + ("-" if "-" in rest else "") + rest
-
-    return _BROKEN_WORD.sub(join, text)
-
-
-def drop_contained(blocks: list[Block]) -> list[Block]:
-    """Resolve overlapping regions, which layout models report across classes.
-
-    * A block mostly inside a table or figure is part of it (cell text, axis labels): dropped,
-      except captions, headers and footers.
-    * Of two other blocks where one lies mostly inside the other, the inner one is dropped:
-      its text is the outer one's (e.g. a "title" and a "text" box around the same heading;
-      of two near-identical boxes a title is kept, else the higher-scoring one).
-    """
-    # Twins are decided in this order: a short region seen as both "title" and "text" is
-    # almost always a heading, otherwise the more confident box wins.
-    order = sorted(range(len(blocks)), key=lambda i: (blocks[i].type != "title", -blocks[i].score))
-    kept_ids: set[int] = set()
-    for i in order:
-        block = blocks[i]
-        if block.type in ("table", "figure"):
-            kept_ids.add(id(block))
-            continue
-        exempt = block.type.endswith("_caption") or block.type in FURNITURE
-        inside = False
-        for other in blocks:
-            if other is block or overlap(block.bbox, other.bbox) < CONTAINED * area(block.bbox):
-                continue
-            container = other.type in ("table", "figure")
-            if container and not exempt:
-                inside = True
-            elif not container and (id(other) in kept_ids or area(other.bbox) > area(block.bbox)):
-                # Inside a larger block, or a near-twin of a higher-scoring one already kept.
-                inside = True
-            if inside:
-                break
-        if not inside:
-            kept_ids.add(id(block))
-    return [b for b in blocks if id(b) in kept_ids]
+def _scaled(box: BBox, factor: float) -> BBox:
+    return (box[0] * factor, box[1] * factor, box[2] * factor, box[3] * factor)
