@@ -347,12 +347,13 @@ def _code(text: str) -> str:
 
 
 def render(block: Block, figure_k: int = 1) -> str:
-    """One block's markdown; empty for an empty block. Blank lines occur only inside code."""
+    """One block's markdown; empty for an empty block. Blank lines occur only inside code, so
+    a block is one markdown paragraph (or one fenced block)."""
     kind = block.type
     if kind == "figure":
         placeholder = f"![figure](#page-{block.page + 1}-figure-{figure_k})"
         text = _lines(block.text)
-        return f"{placeholder}\n\n{text}" if text else placeholder
+        return f"{placeholder}\n{text}" if text else placeholder
     if kind == "table" and block.table is not None and block.table.cells:
         return block.table.to_markdown()
     if not block.text.strip():

@@ -93,6 +93,8 @@ _PAGE_NUMBER = re.compile(
     r"^(?:page|p\.|seite|pág\.?)?\s*(?:#+|[ivxlc]+)(?:\s*(?:of|/|de|von)\s*#+)?$|^[-–—]\s*#+\s*[-–—]$",
     re.IGNORECASE,
 )
+#: A lone monospaced line is code only with something code-like in it (not an e-mail address).
+_CODE_CHARS = re.compile(r"[(){}\[\]=;<>$#|]|^\s{2,}|^\s*(?:def|class|import|return|if|for)\b")
 _SENTENCE_END = re.compile(r"[.!?:;][\"')\]]?$")
 _BROKEN_WORD = re.compile(r"([^\W\d_])-\n([a-z]\S*)")
 
@@ -157,11 +159,9 @@ class DocumentStyle:
         if self.title is not None and page == self.title[0] and line.text in self.title[1]:
             return 1
         text = line.text.strip()
+        if not _may_be_heading(line) or self.body_size <= 0:
+            return None
         words = len(text.split())
-        if line.mono or not words or words > _MAX_HEADING_WORDS or _CAPTION.match(text):
-            return None
-        if self.body_size <= 0:
-            return None
         ratio = line.size / self.body_size
         style = _style_key(line)
         if ratio >= HEADING_RATIO or (line.bold and ratio >= 0.9 and words <= 14):
@@ -194,6 +194,21 @@ class DocumentStyle:
         if self.furniture.get(key) == band or _PAGE_NUMBER.match(key):
             return band
         return None
+
+
+def _may_be_heading(line: Line) -> bool:
+    """What no heading is: code, a rotated stamp, a row of table cells, a caption, a long
+    sentence, a list of names (an author line)."""
+    text = line.text.strip()
+    words = len(text.split())
+    return (
+        0 < words <= _MAX_HEADING_WORDS
+        and not line.mono
+        and line.horizontal
+        and not line.tabbed
+        and text.count(",") < 2
+        and not _CAPTION.match(text)
+    )
 
 
 def numbering_level(text: str) -> int | None:
@@ -258,9 +273,9 @@ def analyze(pages: Sequence[tuple[int, float, Sequence[Line]]]) -> DocumentStyle
                 continue
             if style.title is not None and page == style.title[0] and line.text in style.title[1]:
                 continue
-            words = len(line.text.split())
-            if line.mono or not words or words > _MAX_HEADING_WORDS or _CAPTION.match(line.text):
+            if not _may_be_heading(line):
                 continue
+            words = len(line.text.split())
             ratio = line.size / style.body_size if style.body_size else 0
             if ratio >= HEADING_RATIO or (line.bold and ratio >= 0.9 and words <= 14):
                 styles.add(_style_key(line))
@@ -279,7 +294,7 @@ def _find_title(
         line
         for line in lines
         if line.bbox[1] < 0.5 * height
-        and not line.mono
+        and _may_be_heading(line)
         and style.furniture_kind(line, height) is None
         and len(line.text.split()) <= 30
     ]
@@ -419,9 +434,31 @@ def build_blocks(page: PageInput) -> list[Block]:
     blocks: list[Block] = []
     for placeholder in ordered:
         blocks.extend(_unit_blocks(by_id[id(placeholder)], page))
+    blocks = _join_continuations(blocks)
     for n, block in enumerate(blocks):
         block.order = n
     return blocks
+
+
+def _join_continuations(blocks: list[Block]) -> list[Block]:
+    """A paragraph the layout model cut in two (a region boundary mid-sentence) made whole:
+    text that starts in lower case right after prose that did not end a sentence."""
+    out: list[Block] = []
+    for block in blocks:
+        prev = out[-1] if out else None
+        if (
+            prev is not None
+            and block.type == "text"
+            and prev.type in ("text", "caption", "footnote")
+            and prev.text
+            and block.text[:1].islower()
+            and not _SENTENCE_END.search(prev.text)
+        ):
+            prev.text = prose([prev.text, block.text])
+            prev.bbox = _union(prev.bbox, block.bbox)
+            continue
+        out.append(block)
+    return out
 
 
 def _order_type(kind: str) -> str:
@@ -574,6 +611,8 @@ def _equation_text(lines: Sequence[Line]) -> str:
 
 def _table_blocks(unit: _Unit, lines: list[Line], page: PageInput, make: Maker) -> list[Block]:
     table = page.tables.get(unit.region) if unit.region is not None else None
+    if table is None and _mostly_mono(lines):
+        return [make("code", text=_code_text(lines), lines=lines, bbox=unit.bbox)]
     if table is None or not table.cells:
         if not lines:
             return []
@@ -620,12 +659,16 @@ def _rows(lines: Sequence[Line]) -> list[list[Line]]:
 def _figure_blocks(unit: _Unit, lines: list[Line], page: PageInput, make: Maker) -> list[Block]:
     if not lines:
         return [make("figure", bbox=unit.bbox)]
-    mono = sum(len(ln.text) for ln in lines if ln.mono)
-    if mono >= 0.6 * sum(len(ln.text) for ln in lines):
+    if _mostly_mono(lines):
         return [make("code", text=_code_text(lines), lines=lines, bbox=unit.bbox)]
     # Text the figure holds (labels, a diagram's words): kept with the figure, line by line.
     text = "\n".join(" ".join(row_text.split()) for row_text in _row_texts(lines))
     return [make("figure", text=text, lines=lines, bbox=unit.bbox)]
+
+
+def _mostly_mono(lines: Sequence[Line]) -> bool:
+    mono = sum(len(ln.text) for ln in lines if ln.mono)
+    return bool(lines) and mono >= 0.6 * sum(len(ln.text) for ln in lines)
 
 
 def _row_texts(lines: Sequence[Line]) -> list[str]:
@@ -674,8 +717,9 @@ def _text_blocks(
     while k < len(pieces):
         piece = pieces[k]
         if piece.kind == "item":
-            items: list[_Piece] = []
-            while k < len(pieces) and pieces[k].kind == "item":
+            items = [piece]
+            k += 1
+            while k < len(pieces) and pieces[k].kind == "item" and _same_list(items, pieces[k]):
                 items.append(pieces[k])
                 k += 1
             blocks.append(_list_block(items, make))
@@ -687,11 +731,21 @@ def _text_blocks(
             level = piece.level
             block_type = "title" if level == 1 else "heading"
             blocks.append(make(block_type, text=text, lines=piece.lines, level=level))
-        elif piece.kind == "code":
+        elif piece.kind == "code" and (len(piece.lines) > 1 or _CODE_CHARS.search(texts[0])):
             blocks.append(make("code", text=_code_text(piece.lines), lines=piece.lines))
         else:
             blocks.append(make(piece.kind, text=prose(texts), lines=piece.lines))
     return blocks
+
+
+def _same_list(items: list[_Piece], item: _Piece) -> bool:
+    """Whether ``item`` continues the list of ``items``: a numbered list right after a bullet
+    list (or the other way round) at the same indentation is a list of its own."""
+    first = items[0]
+    tolerance = max(2.0, 0.8 * first.lines[0].height)
+    if abs(item.indent - first.indent) > tolerance:
+        return True
+    return (item.marker == "-") == (first.marker == "-")
 
 
 def _default_kind(kind: str) -> str:

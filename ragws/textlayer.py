@@ -21,6 +21,8 @@ BBox = tuple[float, float, float, float]
 #: Text-layer extraction flags: whitespace as written (code keeps its spaces), text clipped to
 #: the page, ligatures expanded (``ﬁ`` → ``fi``, so words and hyphenation see plain letters).
 TEXT_FLAGS = pymupdf.TEXT_PRESERVE_WHITESPACE | pymupdf.TEXT_MEDIABOX_CLIP
+#: A gap on one baseline this many font sizes wide separates cells, not words.
+TAB_GAP = 2.5
 _BOLD_FLAG = 16
 _MONO_FLAG = 8
 _BOLD_NAME = re.compile(r"bold|black|heavy|semibold|demi|medi(?!um)|[-,]bd?\b", re.IGNORECASE)
@@ -43,6 +45,8 @@ class Line:
     mono: bool = False
     group: int = -1
     source: str = "pdf"  # "pdf" | "ocr"
+    horizontal: bool = True  # written left to right (not a rotated margin stamp)
+    tabbed: bool = False  # pieces far apart on one baseline: a row of cells, not a sentence
 
     @property
     def height(self) -> float:
@@ -95,6 +99,7 @@ def _line(raw: dict, group: int) -> Line | None:
             mono += n
     size = max(size_votes.items(), key=lambda kv: (kv[1], kv[0]))[0]
     x0, y0, x1, y1 = (float(v) for v in raw["bbox"])
+    dx, dy = raw.get("dir", (1.0, 0.0))
     return Line(
         bbox=(x0, y0, x1, y1),
         text=text.rstrip(),
@@ -102,6 +107,7 @@ def _line(raw: dict, group: int) -> Line | None:
         bold=bold >= 0.8 * total,
         mono=mono >= 0.8 * total,
         group=group,
+        horizontal=dx > 0.99 and abs(dy) < 0.01,
     )
 
 
@@ -125,6 +131,7 @@ def _join_baselines(lines: list[Line]) -> list[Line]:
                 bold=(prev.bold * len(prev.text) + line.bold * len(line.text)) >= 0.8 * total,
                 mono=(prev.mono * len(prev.text) + line.mono * len(line.text)) >= 0.8 * total,
                 group=prev.group,
+                tabbed=prev.tabbed or gap > TAB_GAP * max(prev.size, line.size),
             )
         else:
             out.append(line)

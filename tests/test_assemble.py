@@ -1,4 +1,4 @@
-"""Assembly of parsed pages: label normalisation, reading order, markdown and RAG chunks."""
+"""Assembly of parsed pages: layout labels, reading order, markdown and RAG chunks."""
 
 from __future__ import annotations
 
@@ -9,22 +9,31 @@ import pytest
 from ragws.assemble import (
     BLOCK_TYPES,
     FURNITURE,
-    TEXT_TYPES,
+    HEADINGS,
     Block,
     Chunk,
     chunk_blocks,
     document_markdown,
-    normalize_label,
     page_markdown,
     reading_order,
-    title_levels,
+    render,
 )
+from ragws.structure import REGION_KINDS, region_kind
 
 W, H = 1000.0, 1400.0
 
 
-def blk(kind: str, x0: float, y0: float, x1: float, y1: float, text: str = "", page: int = 0):
-    return Block(kind, (x0, y0, x1, y1), page, text)
+def blk(
+    kind: str,
+    x0: float,
+    y0: float,
+    x1: float,
+    y1: float,
+    text: str = "",
+    page: int = 0,
+    level: int | None = None,
+):
+    return Block(kind, (x0, y0, x1, y1), page, text, level=level)
 
 
 def texts(blocks: list[Block]) -> list[str]:
@@ -39,30 +48,40 @@ def shuffled(blocks: list[Block], seed: int) -> list[Block]:
 
 # --- labels -------------------------------------------------------------------------------
 
-CDLA = ["text", "title", "figure", "figure_caption", "table", "table_caption", "header"]
-CDLA += ["footer", "reference", "equation"]
+CDLA = {
+    "text": "text",
+    "title": "title",
+    "figure": "figure",
+    "figure_caption": "caption",
+    "table": "table",
+    "table_caption": "caption",
+    "header": "header",
+    "footer": "footer",
+    "reference": "text",
+    "equation": "equation",
+}
 DOCSTRUCTBENCH = {
     "title": "title",
     "plain text": "text",
     "abandon": "abandon",
     "figure": "figure",
-    "figure_caption": "figure_caption",
+    "figure_caption": "caption",
     "table": "table",
-    "table_caption": "table_caption",
-    "table_footnote": "table_footnote",
+    "table_caption": "caption",
+    "table_footnote": "footnote",
     "isolate_formula": "equation",
-    "formula_caption": "equation_caption",
+    "formula_caption": "caption",
 }
 
 
-@pytest.mark.parametrize("label", CDLA)
-def test_cdla_classes_map_to_themselves(label):
-    assert normalize_label(label) == label
+@pytest.mark.parametrize(("label", "kind"), CDLA.items())
+def test_cdla_classes(label, kind):
+    assert region_kind(label) == kind
 
 
 @pytest.mark.parametrize(("label", "kind"), DOCSTRUCTBENCH.items())
 def test_docstructbench_classes(label, kind):
-    assert normalize_label(label) == kind
+    assert region_kind(label) == kind
 
 
 @pytest.mark.parametrize(
@@ -70,12 +89,12 @@ def test_docstructbench_classes(label, kind):
     [
         ("Plain Text", "text"),
         ("PLAIN-TEXT", "text"),
-        ("  Figure Caption ", "figure_caption"),
+        ("  Figure Caption ", "caption"),
         ("Isolate-Formula", "equation"),
         ("paragraph", "text"),
         ("Section-header", "title"),
         ("heading", "title"),
-        ("Caption", "figure_caption"),
+        ("Caption", "caption"),
         ("formula", "equation"),
         ("Page-header", "header"),
         ("page footer", "footer"),
@@ -85,36 +104,40 @@ def test_docstructbench_classes(label, kind):
     ],
 )
 def test_label_spelling_and_synonyms(label, kind):
-    assert normalize_label(label) == kind
+    assert region_kind(label) == kind
 
 
 @pytest.mark.parametrize("label", ["", "sticker", "watermark_xyz", "42"])
 def test_unknown_labels_become_text(label):
-    assert normalize_label(label) == "text"
+    assert region_kind(label) == "text"
 
 
 def test_type_sets():
-    assert len(BLOCK_TYPES) == 14 and len(set(BLOCK_TYPES)) == 14
-    assert set(TEXT_TYPES) | set(FURNITURE) <= set(BLOCK_TYPES)
-    assert set(FURNITURE) == {"header", "footer", "abandon"}
-    assert "table" not in TEXT_TYPES and "equation" not in TEXT_TYPES and "list" in TEXT_TYPES
-    assert all(normalize_label(t) == t for t in BLOCK_TYPES)
+    assert len(BLOCK_TYPES) == 12 and len(set(BLOCK_TYPES)) == 12
+    assert set(FURNITURE) == {"header", "footer"} and set(HEADINGS) == {"title", "heading"}
+    assert set(FURNITURE) | set(HEADINGS) <= set(BLOCK_TYPES)
+    assert all(region_kind(k) == k for k in REGION_KINDS)
 
 
 def test_block_rejects_unknown_type_and_serialises():
-    with pytest.raises(ValueError, match="normalize_label"):
+    with pytest.raises(ValueError, match="unknown block type"):
         Block("plain text", (0, 0, 1, 1), 0)
     b = Block("text", (1.234, 2.0, 3.456, 4.0), 3, "hi", "ocr", 0.987654, 2)
     assert b.to_dict() == {
         "type": "text",
         "bbox": [1.23, 2.0, 3.46, 4.0],
         "text": "hi",
+        "markdown": "",
         "order": 2,
         "source": "ocr",
         "score": 0.9877,
     }
     b.image = b"\xff\xd8"
     assert b.to_dict()["image"] == b"\xff\xd8"
+    heading = Block("heading", (0, 0, 1, 1), 0, "2 Methods", level=2)
+    assert heading.to_dict()["level"] == 2 and "items" not in heading.to_dict()
+    items = [{"text": "a", "level": 0, "marker": "-"}]
+    assert Block("list", (0, 0, 1, 1), 0, "a", items=items).to_dict()["items"] == items
 
 
 # --- reading order ------------------------------------------------------------------------
@@ -143,7 +166,7 @@ def two_column_page() -> list[Block]:
         blk("text", 522, 910, 899, 1050, "R6"),
         blk("text", 518, 1060, 901, 1200, "R7"),
         blk("text", 520, 1210, 900, 1240, "R8"),
-        blk("abandon", 485, 1320, 515, 1340, "12"),  # a page number under the gutter
+        blk("text", 485, 1320, 515, 1340, "12"),  # a page number under the gutter
     ]
 
 
@@ -185,8 +208,8 @@ def test_side_by_side_figures_in_one_column():
         blk("text", 100, 100, 900, 300, "p1"),
         blk("figure", 100, 320, 480, 600, "figL"),
         blk("figure", 520, 325, 900, 590, "figR"),
-        blk("figure_caption", 120, 610, 460, 650, "capL"),
-        blk("figure_caption", 540, 610, 880, 650, "capR"),
+        blk("caption", 120, 610, 460, 650, "capL"),
+        blk("caption", 540, 610, 880, 650, "capR"),
         blk("text", 100, 670, 900, 900, "p2"),
     ]
     ordered = reading_order(shuffled(page, 3), W, H)
@@ -246,14 +269,14 @@ def test_random_pages_give_a_permutation_deterministically():
 @pytest.mark.parametrize(
     ("kind", "text", "markdown"),
     [
-        ("title", "Deep\n  Learning ", "## Deep Learning"),
+        ("title", "Deep\n  Learning ", "# Deep Learning"),
+        ("heading", "Related\nwork", "## Related work"),
         ("text", "one line\nand  another\n", "one line and another"),
-        ("reference", "[1] A. Author.\nA paper.", "[1] A. Author. A paper."),
-        ("figure_caption", "Figure 1:\nA cat.", "Figure 1: A cat."),
-        ("table_caption", "Table 2: Scores", "Table 2: Scores"),
-        ("table_footnote", "* p < 0.05\nsignificant", "* p < 0.05 significant"),
-        ("equation_caption", "(3)", "(3)"),
+        ("caption", "Figure 1:\nA cat.", "Figure 1: A cat."),
+        ("footnote", "* p < 0.05\nsignificant", "* p < 0.05 significant"),
         ("list", "- first\n\n- second  item \n- third", "- first\n- second item\n- third"),
+        ("code", "def f():\n    return 1\n", "```\ndef f():\n    return 1\n```"),
+        ("code", "a = '```'", "````\na = '```'\n````"),
         ("table", "| a | b |\n|---|---|\n| 1 | 2 |\n", "| a | b |\n|---|---|\n| 1 | 2 |"),
         ("table", "<table><tr><td>1</td></tr></table>", "<table><tr><td>1</td></tr></table>"),
         ("table", "\\begin{tabular}{cc}\n1 & 2\n\\end{tabular}", None),
@@ -261,9 +284,9 @@ def test_random_pages_give_a_permutation_deterministically():
         ("equation", "$$E = mc^2$$", "$$E = mc^2$$"),
         ("equation", "\\[ a+b \\]", "\\[ a+b \\]"),
         ("equation", "\\begin{align}x\\end{align}", "\\begin{align}x\\end{align}"),
-        ("equation", "E = mc^2", "$$\nE = mc^2\n$$"),
+        ("equation", "E = mc^2 (1)", "$$\nE = mc^2 (1)\n$$"),
         ("equation", "$\\frac{a}{b}$", "$$\n\\frac{a}{b}\n$$"),
-        ("equation", "x + y = 3", "x + y = 3"),
+        ("equation", "x + y = 3", "$$\nx + y = 3\n$$"),
     ],
 )
 def test_markdown_of_each_type(kind, text, markdown):
@@ -271,55 +294,61 @@ def test_markdown_of_each_type(kind, text, markdown):
     assert page_markdown([blk(kind, 0, 0, 1, 1, text)]) == expected
 
 
+def test_heading_levels_and_nested_lists():
+    assert render(blk("heading", 0, 0, 1, 1, "2.3 Data", level=3)) == "### 2.3 Data"
+    assert render(blk("heading", 0, 0, 1, 1, "Deep", level=9)) == "###### Deep"
+    items = [
+        {"text": "fruit", "level": 0, "marker": "-"},
+        {"text": "apple", "level": 1, "marker": "-"},
+        {"text": "first  step", "level": 2, "marker": "1."},
+        {"text": "then", "level": 2, "marker": "2)"},
+        {"text": "aside", "level": 1, "marker": "(a)"},
+        {"text": "tools", "level": 0, "marker": "-"},
+    ]
+    block = Block("list", (0, 0, 1, 1), 0, "x", items=items)
+    assert render(block) == (
+        "- fruit\n  - apple\n    1. first step\n    2. then\n  - (a) aside\n- tools"
+    )
+
+
 def test_page_markdown_figures_furniture_and_empties():
     page = [
         blk("header", 0, 0, 1, 1, "Journal of Things"),
-        blk("title", 0, 0, 1, 1, "Intro"),
+        blk("heading", 0, 0, 1, 1, "Intro", level=3),
         blk("figure", 0, 0, 1, 1, "", page=4),
-        blk("figure_caption", 0, 0, 1, 1, "Figure 1: x"),
+        blk("caption", 0, 0, 1, 1, "Figure 1: x"),
         blk("text", 0, 0, 1, 1, "   \n "),
-        blk("figure", 0, 0, 1, 1, "axis 0 1 2", page=4),
-        blk("abandon", 0, 0, 1, 1, "arXiv:1234"),
+        blk("figure", 0, 0, 1, 1, "axis 0 1 2\nlabel", page=4),
+        blk("header", 0, 0, 1, 1, "arXiv:1234"),
         blk("footer", 0, 0, 1, 1, "page 5"),
     ]
     assert page_markdown(page) == (
-        "## Intro\n\n![figure](#page-5-figure-1)\n\nFigure 1: x\n\n![figure](#page-5-figure-2)"
+        "### Intro\n\n![figure](#page-5-figure-1)\n\nFigure 1: x\n\n"
+        "![figure](#page-5-figure-2)\naxis 0 1 2\nlabel"
     )
-    with_furniture = page_markdown(page, include_furniture=True, title_level=lambda b: 3)
+    with_furniture = page_markdown(page, include_furniture=True)
     assert with_furniture.startswith("Journal of Things\n\n### Intro\n\n")
-    assert with_furniture.endswith("figure-2)\n\narXiv:1234\n\npage 5")
+    assert with_furniture.endswith("label\n\narXiv:1234\n\npage 5")
     assert page_markdown([]) == ""
     assert page_markdown([blk("footer", 0, 0, 1, 1, "p. 1")]) == ""
 
 
-def test_title_levels_and_document_markdown():
+def test_document_markdown():
     cover = [blk("header", 0, 0, 1, 1, "Running head"), blk("figure", 0, 0, 1, 1, page=0)]
     first = [
         blk("header", 0, 0, 1, 1, "Running head", page=1),
-        blk("title", 0, 0, 1, 1, "A Paper", page=1),
+        blk("title", 0, 0, 1, 1, "A Paper", page=1, level=1),
         blk("text", 0, 0, 1, 1, "Authors", page=1),
-        blk("title", 0, 0, 1, 1, "Abstract", page=1),
+        blk("heading", 0, 0, 1, 1, "Abstract", page=1, level=2),
     ]
     blank = [blk("footer", 0, 0, 1, 1, "2", page=2)]
-    later = [blk("title", 0, 0, 1, 1, "Methods", page=3), blk("text", 0, 0, 1, 1, "We", page=3)]
+    later = [blk("heading", 0, 0, 1, 1, "Methods", page=3, level=2)]
+    later.append(blk("text", 0, 0, 1, 1, "We", page=3))
     pages = [cover, first, blank, later]
-    level = title_levels(pages)
-    assert [level(b) for b in (first[1], first[3], later[0])] == [1, 2, 2]
-    # Identity, not equality: an equal copy is not the document title.
-    assert level(blk("title", 0, 0, 1, 1, "A Paper", page=1)) == 2
     assert document_markdown(pages) == (
         "![figure](#page-1-figure-1)\n\n# A Paper\n\nAuthors\n\n## Abstract\n\n## Methods\n\nWe"
     )
     assert document_markdown(pages, include_furniture=True).startswith("Running head\n\n![fig")
-
-
-def test_a_late_first_title_is_a_section():
-    late = blk("title", 0, 0, 1, 1, "Late")
-    page = [blk("text", 0, 0, 1, 1, t) for t in "abc"]
-    assert title_levels([[*page, late]])(late) == 2
-    # Furniture and empty blocks are not among the first three shown blocks.
-    unseen = [blk("header", 0, 0, 1, 1, "Head"), blk("text", 0, 0, 1, 1, " ")]
-    assert title_levels([[*unseen, *page[:2], late]])(late) == 1
 
 
 # --- chunks -------------------------------------------------------------------------------
@@ -333,8 +362,7 @@ def para(n: int, size: int, page: int = 0, kind: str = "text") -> Block:
 
 
 def block_markdowns(pages: list[list[Block]]) -> list[str]:
-    level = title_levels(pages)
-    return [p for page in pages for p in page_markdown(page, title_level=level).split("\n\n")]
+    return [p for page in pages for p in page_markdown(page).split("\n\n")]
 
 
 def test_chunks_keep_blocks_whole_and_within_size():
@@ -374,10 +402,10 @@ def test_heading_starts_a_chunk_once_half_full():
 
 
 def test_heading_is_carried_to_the_next_chunk():
-    page = [para(1, 200), para(2, 60, kind="title"), para(3, 60, kind="title"), para(4, 250)]
+    page = [para(1, 200), para(2, 60, kind="title"), para(3, 60, kind="heading"), para(4, 250)]
     chunks = chunk_blocks([page], 400)
     assert [len(c.text.split("\n\n")) for c in chunks] == [1, 3]
-    assert chunks[1].text.startswith("# title2 ") and "\n\n## title3 " in chunks[1].text
+    assert chunks[1].text.startswith("# title2 ") and "\n\n## heading3 " in chunks[1].text
     # Under half full, a heading joins; when the next block then does not fit, it moves on.
     page = [para(1, 150), para(2, 30, kind="title"), para(3, 250)]
     chunks = chunk_blocks([page], 400)
@@ -442,3 +470,24 @@ def test_chunks_recover_the_document_in_order():
         assert all(isinstance(c, Chunk) and len(c.text) <= size for c in chunks)
         assert [p for c in chunks for p in c.text.split("\n\n")] == block_markdowns(pages)
         assert sum(len(c.bboxes) for c in chunks) == len(block_markdowns(pages))
+
+
+def test_chunks_carry_their_heading_path():
+    def h(text: str, level: int) -> Block:
+        return blk("heading", 0, 0, 1, 1, text, level=level)
+
+    title = blk("title", 0, 0, 1, 1, "A Paper", level=1)
+    pages = [
+        [title, para(1, 300), h("2 Methods", 2), para(2, 300), h("2.1 Data", 3), para(3, 300)],
+        [para(4, 300, page=1), h("3 Results", 2), para(5, 300, page=1), h("3.0.1 Deep", 4)],
+        [para(6, 300, page=2)],
+    ]
+    chunks = chunk_blocks(pages, 400)
+    by_start = {c.text.split("\n\n")[0][:12]: c.headings for c in chunks}
+    assert by_start["# A Paper"[:12]] == []
+    assert by_start["## 2 Methods"] == ["2 Methods"]
+    assert by_start["### 2.1 Data"] == ["2 Methods", "2.1 Data"]
+    assert by_start["text4 word w"] == ["2 Methods", "2.1 Data"]
+    assert by_start["## 3 Results"] == ["3 Results"]
+    assert by_start["#### 3.0.1 D"] == ["3 Results", "3.0.1 Deep"]
+    assert chunks[-1].to_dict()["headings"] == ["3 Results", "3.0.1 Deep"]
