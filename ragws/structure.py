@@ -512,12 +512,14 @@ def _attach_equation_numbers(units: list[_Unit], orphans: list[Line]) -> None:
 
 
 def _orphan_units(lines: list[Line]) -> list[_Unit]:
-    """Lines no region holds, grouped as the text layer grouped them (its blocks), or for OCR
-    lines by proximity: the next line close below and overlapping horizontally."""
+    """Lines no region holds, grouped into runs: the lines of one text-layer block, joined by
+    the next line close below that starts within the run's width (a nested list item the text
+    layer put in a block of its own; OCR lines, which have no blocks). The runs are cut into
+    paragraphs later, as a region's lines are."""
     units: list[_Unit] = []
     for line in sorted(lines, key=lambda ln: (ln.group, ln.bbox[1], ln.bbox[0])):
         last = units[-1] if units else None
-        if last is not None and _same_run(last.lines[-1], line):
+        if last is not None and _same_run(last, line):
             last.lines.append(line)
             last.bbox = _union(last.bbox, line.bbox)
         else:
@@ -525,12 +527,16 @@ def _orphan_units(lines: list[Line]) -> list[_Unit]:
     return units
 
 
-def _same_run(prev: Line, line: Line) -> bool:
-    if prev.group >= 0 or line.group >= 0:
-        return prev.group == line.group
+def _same_run(run: _Unit, line: Line) -> bool:
+    prev = run.lines[-1]
+    if prev.group >= 0 and prev.group == line.group:
+        return True
     gap = line.bbox[1] - prev.bbox[3]
-    x_overlap = min(prev.bbox[2], line.bbox[2]) - max(prev.bbox[0], line.bbox[0])
-    return -0.5 * prev.height <= gap <= 1.2 * prev.height and x_overlap > 0
+    reach = 2 * prev.height
+    return (
+        -0.5 * prev.height <= gap <= 1.2 * prev.height
+        and run.bbox[0] - reach <= line.bbox[0] <= run.bbox[2] + reach
+    )
 
 
 def _union(box: BBox, *others: BBox) -> BBox:

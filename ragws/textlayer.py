@@ -22,7 +22,9 @@ BBox = tuple[float, float, float, float]
 #: the page, ligatures expanded (``ﬁ`` → ``fi``, so words and hyphenation see plain letters).
 TEXT_FLAGS = pymupdf.TEXT_PRESERVE_WHITESPACE | pymupdf.TEXT_MEDIABOX_CLIP
 #: A gap on one baseline this many font sizes wide separates cells, not words.
-TAB_GAP = 2.5
+TAB_GAP = 2.0
+#: Pieces on one baseline further apart than this many font sizes stay separate lines.
+JOIN_GAP = 3.0
 _BOLD_FLAG = 16
 _MONO_FLAG = 8
 _BOLD_NAME = re.compile(r"bold|black|heavy|semibold|demi|medi(?!um)|[-,]bd?\b", re.IGNORECASE)
@@ -143,7 +145,7 @@ def _same_baseline(a: Line, b: Line) -> bool:
     return (
         b.bbox[0] >= a.bbox[2] - 0.5 * b.size  # to the right, not wrapped back
         and overlap >= 0.6 * min(a.height, b.height)
-        and b.bbox[0] - a.bbox[2] < 20 * max(a.size, b.size)
+        and b.bbox[0] - a.bbox[2] < JOIN_GAP * max(a.size, b.size)
     )
 
 

@@ -15,7 +15,7 @@ import pymupdf
 import pytest
 from rapidfuzz.distance import Levenshtein
 
-from ragws.parse import dehyphenate
+from ragws.structure import dehyphenate
 
 from .conftest import render_png
 
