@@ -51,6 +51,7 @@ from .structure import (
     analyze,
     assign_lines,
     build_blocks,
+    mark_repeated_furniture,
     page_style,
     region_kind,
     resolve_regions,
@@ -169,6 +170,10 @@ class ParseService:
             done.append(page)
             yield page
         done.sort(key=lambda p: p.page)
+        if mark_repeated_furniture([(p.height, p.blocks) for p in done]):
+            for page in done:
+                set_markdown(page.blocks)
+                page.markdown = page_markdown(page.blocks, include_furniture=request.furniture)
         pages_blocks = [p.blocks for p in done]
         yield ParsedDocument(
             pages=done,
@@ -275,9 +280,13 @@ class ParseService:
     async def _ocr_regions_without_text(
         self, rgb: np.ndarray, regions: list[Region], lines: list[Line]
     ) -> dict[int, str]:
-        """Regions a born-digital page has no text for (a figure of text, paths): OCR'd."""
+        """Regions a born-digital page has no text for (a figure of text, paths) are OCR'd, and
+        equations too when the backend writes LaTeX."""
         owned = set(assign_lines(lines, regions))
         wanted = [i for i, r in enumerate(regions) if r.kind in READ_KINDS and i not in owned]
+        if self.ocr is not None and self.ocr.markup:
+            # LaTeX from a markup model beats a formula's text layer, which is out of order.
+            wanted += [i for i, r in enumerate(regions) if r.kind == "equation"]
         return await self._read(rgb, regions, wanted) if wanted else {}
 
     async def _read(

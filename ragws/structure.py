@@ -313,6 +313,36 @@ def _find_title(
     return 0, frozenset(line.text for line in run)
 
 
+def mark_repeated_furniture(pages: Sequence[tuple[float, Sequence[Block]]]) -> bool:
+    """Running headers and footers of OCR'd pages, found once every page is read: short
+    blocks in a page's top or bottom band whose text recurs across pages (as
+    :func:`analyze` finds them in a text layer before any page is parsed). ``pages`` are
+    (page height, blocks); matching blocks become ``header``/``footer`` in place. Returns
+    whether any did."""
+    seen: dict[tuple[str, str], set[int]] = {}
+    candidates: list[tuple[Block, str, str]] = []
+    for height, blocks in pages:
+        for block in blocks:
+            if block.source != "ocr" or block.type not in ("text", "heading", "title"):
+                continue
+            if len(block.text.split()) > 15:
+                continue
+            line = Line(block.bbox, block.text, 1.0)
+            band = _band(line, height)
+            if band is None:
+                continue
+            key = furniture_key(block.text)
+            seen.setdefault((band, key), set()).add(block.page)
+            candidates.append((block, band, key))
+    needed = 2 if len(pages) <= 6 else 3
+    changed = False
+    for block, band, key in candidates:
+        if len(seen[(band, key)]) >= needed or _PAGE_NUMBER.match(key):
+            block.type, block.level = band, None
+            changed = True
+    return changed
+
+
 def page_style(lines: Sequence[Line], page: int, height: float) -> DocumentStyle:
     """The style of one OCR'd page, from its lines' heights alone (no fonts are known): the
     common height is the body; clearly taller lines are headings, ranked by height."""
@@ -557,7 +587,7 @@ def _unit_blocks(unit: _Unit, page: PageInput) -> list[Block]:
     if unit.kind == "table":
         return _table_blocks(unit, lines, page, make)
     if unit.kind == "equation":
-        if not lines:
+        if unit.region in page.texts or not lines:
             text = page.texts.get(unit.region, "") if unit.region is not None else ""
             return [make("equation", text=text.strip(), lines=[], bbox=unit.bbox)]
         return [make("equation", text=_equation_text(lines), lines=lines, bbox=unit.bbox)]
@@ -567,8 +597,10 @@ def _unit_blocks(unit: _Unit, page: PageInput) -> list[Block]:
         text = page.texts.get(unit.region, "") if unit.region is not None else ""
         if not text.strip():
             return []
-        kind = {"caption": "caption", "footnote": "footnote"}.get(unit.kind, "text")
-        return [make(kind, text=prose(text.splitlines()), lines=[], bbox=unit.bbox)]
+        if unit.kind == "title":
+            return [make("heading", text=prose(text.splitlines()), bbox=unit.bbox, level=2)]
+        kind = _default_kind(unit.kind)
+        return [make(kind, text=prose(text.splitlines()), bbox=unit.bbox)]
     return _text_blocks(unit, lines, page, make)
 
 
@@ -621,7 +653,9 @@ def _table_blocks(unit: _Unit, lines: list[Line], page: PageInput, make: Maker) 
         return [make("code", text=_code_text(lines), lines=lines, bbox=unit.bbox)]
     if table is None or not table.cells:
         if not lines:
-            return []
+            # Read by a backend that writes markup (GOT-OCR2's tables), or nothing at all.
+            text = page.texts.get(unit.region, "") if unit.region is not None else ""
+            return [make("table", text=text.strip(), bbox=unit.bbox)] if text.strip() else []
         # No grid could be read: the rows as lines, so the text is still there.
         rows = _rows(lines)
         text = "\n".join(" | ".join(ln.text.strip() for ln in row) for row in rows)

@@ -290,9 +290,10 @@ async def test_kv_memory_budget_sizes_the_slots(start_server, connect, got_tiny_
 async def test_parse_sends_regions_through_the_engine(
     start_server, connect, got_tiny_dir, reference, paper_pdf
 ):
-    """With GOT-OCR2, parse OCRs each region as its own sequence: tables (no text layer needed)
-    in format mode, text in plain mode; each equals generate() alone on the region's crop."""
-    from ragws.parse import dehyphenate
+    """With GOT-OCR2, parse OCRs each region of a page without text as its own sequence:
+    tables in format mode, text in plain mode; each equals generate() alone on the region's
+    crop. A born-digital page keeps its text layer, tables included (pymupdf's finder)."""
+    from ragws.structure import dehyphenate
 
     from .conftest import render_rgb
 
@@ -306,21 +307,24 @@ async def test_parse_sends_regions_through_the_engine(
         box = [max(0, box[0]), max(0, box[1]), min(page.width, box[2]), min(page.height, box[3])]
         return reference(page, mode, 24, box=box)[1].strip()
 
-    # auto: the text layer for text, the engine in format mode for tables.
+    # auto: the text layer, tables included.
     await client.send({"type": "parse", "id": "a", "pdf": paper_pdf, "pages": [4]})
     frames = (await client.finish("a"))["a"]
     assert frames[-1]["type"] == "done", frames[-1]
     blocks = frames[0]["blocks"]
     tables = [b for b in blocks if b["type"] == "table"]
-    assert len(tables) == 2 and all(b["source"] == "ocr" for b in tables)
+    assert len(tables) == 2 and all(b["source"] == "pdf" for b in tables)
     assert {b["source"] for b in blocks if b["type"] == "text"} == {"pdf"}
-    for table in tables:
-        assert table["text"] == expected(table, "format")
-    # ocr: every text region through the engine in plain mode.
+    # ocr: every region through the engine, tables in format mode, text in plain mode.
     await client.send({"type": "parse", "id": "o", "pdf": paper_pdf, "pages": [4], "text": "ocr"})
     frames = (await client.finish("o"))["o"]
-    texts = [b for b in frames[0]["blocks"] if b["type"] == "text"]
+    blocks = frames[0]["blocks"]
+    tables = [b for b in blocks if b["type"] == "table"]
+    assert len(tables) == 2 and all(b["source"] == "ocr" for b in tables)
+    for table in tables:
+        assert table["text"] == expected(table, "format")
+    texts = [b for b in blocks if b["type"] == "text"]
     assert len(texts) >= 3 and all(b["source"] == "ocr" for b in texts)
     for block in texts[:3]:
-        assert block["text"] == dehyphenate(expected(block, "plain"))
+        assert block["text"] == " ".join(dehyphenate(expected(block, "plain")).split())
     assert await server.metric("ragws_kv_slots_used") == 0

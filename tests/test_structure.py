@@ -382,3 +382,23 @@ def test_chunks_and_markdown_of_a_built_document():
     assert markdown.startswith("# Parsing Documents for Retrieval")
     chunks = chunk_blocks(built, 400)
     assert [c.headings for c in chunks][-1] == ["3 Results"]
+
+
+def test_repeated_furniture_of_ocr_pages_found_at_the_end():
+    from ragws.assemble import Block
+    from ragws.structure import mark_repeated_furniture
+
+    pages = []
+    for n in range(3):
+        blocks = [
+            Block("text", (100, 20, 600, 50), n, "ACME Quarterly Report", "ocr"),
+            Block("text", (100, 200, 900, 400), n, "Body text of the page " * 5, "ocr"),
+            Block("text", (450, 1350, 550, 1380), n, f"- {n + 1} -", "ocr"),
+            Block("heading", (100, 1330, 600, 1370), n, "Only on one page", "ocr", level=2),
+        ]
+        pages.append((1400.0, blocks if n == 0 else blocks[:3]))
+    assert mark_repeated_furniture(pages)
+    first = pages[0][1]
+    assert [b.type for b in first] == ["header", "text", "footer", "heading"]
+    assert all(b.type == "header" for _, bs in pages for b in bs[:1])
+    assert not mark_repeated_furniture([(1400.0, [Block("text", (0, 0, 9, 9), 0, "x", "pdf")])])
