@@ -55,8 +55,9 @@ from .structure import (
     page_style,
     region_kind,
     resolve_regions,
+    ruled_tables,
 )
-from .textlayer import BBox, Line, ocr_line
+from .textlayer import BBox, Line, Shapes, ocr_line
 from .window import windowed
 
 if TYPE_CHECKING:
@@ -110,10 +111,10 @@ class ParsedDocument:
 
 @dataclass(slots=True)
 class TextLayer:
-    """A PDF's text layer, read once per request: lines and bullets per page (points)."""
+    """A PDF's text layer, read once per request: lines and drawn shapes per page (points)."""
 
     lines: dict[int, list[Line]] = field(default_factory=dict)
-    bullets: dict[int, list[BBox]] = field(default_factory=dict)
+    shapes: dict[int, Shapes] = field(default_factory=dict)
     style: DocumentStyle = field(default_factory=DocumentStyle)
 
 
@@ -166,7 +167,7 @@ class ParseService:
         else:
             started = time.monotonic()
             rgb = await self._run(decode_image, request.document, self._max_pixels)
-            page = await self._page(rgb, 0, [], [], None, request, started, None)
+            page = await self._page(rgb, 0, [], None, None, request, started, None)
             done.append(page)
             yield page
         done.sort(key=lambda p: p.page)
@@ -198,9 +199,12 @@ class ParseService:
             started = time.monotonic()
             rgb = await self.layout.render_page(plan, page, scale)
             lines = [line.scaled(scale) for line in layer.lines.get(page, ())]
-            bullets = [_scaled(b, scale) for b in layer.bullets.get(page, ())]
+            drawn = layer.shapes.get(page) or Shapes([], [])
+            shapes = Shapes(
+                [_scaled(b, scale) for b in drawn.bullets], [_scaled(g, scale) for g in drawn.grids]
+            )
             style = layer.style if lines else None
-            return await self._page(rgb, page, lines, bullets, style, request, started, plan)
+            return await self._page(rgb, page, lines, shapes, style, request, started, plan)
 
         return windowed(plan.pages, one, self.pages_in_flight)
 
@@ -209,7 +213,7 @@ class ParseService:
         rgb: np.ndarray,
         page: int,
         lines: list[Line],
-        bullets: list[BBox],
+        shapes: Shapes | None,
         style: DocumentStyle | None,
         request: ParseRequest,
         started: float,
@@ -225,6 +229,8 @@ class ParseService:
                 for box, label, score in zip(det.boxes, det.labels, det.scores, strict=True)
             ]
         )
+        if shapes is not None:
+            regions.extend(ruled_tables(regions, shapes.grids))
         texts: dict[int, str] = {}
         if not lines and request.text != "pdf" and self.ocr is not None:
             lines, texts = await self._ocr_page(rgb, regions)
@@ -240,7 +246,7 @@ class ParseService:
                 regions=regions,
                 lines=lines,
                 style=style or DocumentStyle(),
-                bullets=bullets,
+                bullets=shapes.bullets if shapes is not None else [],
                 tables=tables,
                 texts=texts,
             )
@@ -343,12 +349,12 @@ class ParseService:
 
 
 def read_text_layer(plan: PdfPlan) -> TextLayer:
-    """Every selected page's lines and bullets, and the document's style (PDF thread)."""
+    """Every selected page's lines and shapes, and the document's style (PDF thread)."""
     layer = TextLayer()
     pages = []
     for page in plan.pages:
-        lines, bullets = plan.doc.lines(page)
-        layer.lines[page], layer.bullets[page] = lines, bullets
+        lines, shapes = plan.doc.lines(page)
+        layer.lines[page], layer.shapes[page] = lines, shapes
         pages.append((page, plan.doc.page_size(page)[1], lines))
     layer.style = analyze(pages)
     return layer

@@ -436,6 +436,21 @@ def resolve_regions(regions: list[Region]) -> list[Region]:
     return [r for i, r in enumerate(regions) if i in kept]
 
 
+def ruled_tables(regions: Sequence[Region], grids: Sequence[BBox]) -> list[Region]:
+    """Table regions for ruled grids the layout model did not box as tables (it misses many
+    tables of documents unlike those it was trained on); a grid mostly inside a table or
+    figure region is that region's."""
+    found = []
+    for grid in grids:
+        inside = any(
+            r.kind in ("table", "figure") and overlap(grid, r.bbox) >= 0.5 * area(grid)
+            for r in regions
+        )
+        if not inside and area(grid) > 0:
+            found.append(Region("table", grid, 1.0))
+    return found
+
+
 def assign_lines(lines: Sequence[Line], regions: Sequence[Region]) -> list[int | None]:
     """The region each line belongs to: the one holding most of its area, if at least half
     (the smaller region on a tie); None for a line no region holds."""

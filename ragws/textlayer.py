@@ -172,18 +172,78 @@ def dominant_size(lines: Sequence[Line]) -> float:
     return max(votes.items(), key=lambda kv: (kv[1], -kv[0]))[0] if votes else 0.0
 
 
-def bullet_marks(page: pymupdf.Page, limit: int = 5000) -> list[BBox]:
-    """Small, roughly square shapes: list bullets drawn as paths, not glyphs (browsers
-    draw ``<ul>`` discs and squares this way, so the text layer has no marker). In points.
+@dataclass(slots=True)
+class Shapes:
+    """What a page's vector drawings say about its text, in points."""
 
-    At most ``limit`` paths are looked at: a page of vector art has no bullets worth the time.
+    bullets: list[BBox]  # list bullets drawn as small shapes
+    grids: list[BBox]  # areas ruled like a table
+
+
+def page_shapes(page: pymupdf.Page, limit: int = 5000) -> Shapes:
+    """Bullets and ruled areas from the page's drawings.
+
+    * Bullets: small, roughly square shapes (browsers draw ``<ul>`` discs and squares as paths,
+      so the text layer has no marker).
+    * Ruled areas: thin rules (lines, or rectangles at most 2 pt across) that touch each other,
+      grouped; a group with two horizontal and two vertical rules, or three horizontal ones
+      (a booktabs table), is a table's grid, whatever the layout model saw.
+
+    At most ``limit`` paths are looked at: a page of vector art has neither worth the time.
     """
-    marks: list[BBox] = []
+    bullets: list[BBox] = []
+    rules: list[BBox] = []
     for n, path in enumerate(page.get_cdrawings()):
         if n >= limit:
             break
-        x0, y0, x1, y1 = path["rect"]
+        x0, y0, x1, y1 = (float(v) for v in path["rect"])
         w, h = x1 - x0, y1 - y0
         if 1.5 <= w <= 9 and 1.5 <= h <= 9 and abs(w - h) <= 0.25 * max(w, h):
-            marks.append((float(x0), float(y0), float(x1), float(y1)))
-    return marks
+            bullets.append((x0, y0, x1, y1))
+        elif (w <= 2.0 and h >= 6) or (h <= 2.0 and w >= 6):
+            rules.append((x0, y0, x1, y1))
+    return Shapes(bullets, _grids(rules))
+
+
+def _grids(rules: list[BBox], reach: float = 2.5) -> list[BBox]:
+    parent = list(range(len(rules)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def near(a: BBox, b: BBox) -> bool:
+        return (
+            a[0] - reach <= b[2]
+            and b[0] - reach <= a[2]
+            and a[1] - reach <= b[3]
+            and b[1] - reach <= a[3]
+        )
+
+    order = sorted(range(len(rules)), key=lambda i: rules[i][1])
+    for k, i in enumerate(order):
+        for j in order[k + 1 :]:
+            if rules[j][1] - reach > rules[i][3] + 400:
+                break
+            if near(rules[i], rules[j]):
+                parent[find(i)] = find(j)
+    groups: dict[int, list[BBox]] = {}
+    for i, rule in enumerate(rules):
+        groups.setdefault(find(i), []).append(rule)
+    grids = []
+    for members in groups.values():
+        # Rules at distinct positions: a bold rule drawn three times is still one rule.
+        rows = {round(r[1]) for r in members if r[2] - r[0] > r[3] - r[1]}
+        cols = {round(r[0]) for r in members if r[2] - r[0] <= r[3] - r[1]}
+        if (len(rows) >= 2 and len(cols) >= 2) or len(rows) >= 3:
+            grids.append(
+                (
+                    min(r[0] for r in members),
+                    min(r[1] for r in members),
+                    max(r[2] for r in members),
+                    max(r[3] for r in members),
+                )
+            )
+    return grids

@@ -27,7 +27,7 @@ from ragws.structure import (
     numbering_level,
     page_style,
 )
-from ragws.textlayer import TEXT_FLAGS, Line, bullet_marks, ocr_line, pdf_lines
+from ragws.textlayer import TEXT_FLAGS, Line, ocr_line, page_shapes, pdf_lines
 
 from .test_parse import parse_ws
 
@@ -338,7 +338,7 @@ def test_bullets_drawn_as_shapes_make_list_items():
         y = 100 + 15 * n
         page.draw_circle((x - 8, y - 3.5), 2, fill=(0, 0, 0))
         page.insert_text((x, y), text, fontsize=11)
-    lines, bullets = pdf_lines(page), bullet_marks(page)
+    lines, bullets = pdf_lines(page), page_shapes(page).bullets
     assert len(bullets) == 4
     blocks = build_blocks(
         PageInput(0, 612, 792, [], lines, analyze([(0, 792, lines)]), bullets=bullets)
