@@ -404,7 +404,8 @@ def resolve_regions(regions: list[Region]) -> list[Region]:
     """Resolve overlapping regions, which layout models report across classes.
 
     * A region mostly inside a table or figure is part of it (cell text, axis labels): dropped,
-      except captions, headers and footers.
+      except captions, headers and footers. Of a table and a figure around the same thing,
+      the higher-scoring one stays.
     * Of two other regions where one lies mostly inside the other, the inner one is dropped
       (e.g. a "title" and a "text" box around the same heading; of two near-identical boxes a
       title is kept, else the higher-scoring one). Its lines go to the outer region, where the
@@ -417,7 +418,15 @@ def resolve_regions(regions: list[Region]) -> list[Region]:
     for i in order:
         region = regions[i]
         if region.kind in ("table", "figure"):
-            kept.add(i)
+            # Of a table and a figure drawn around the same thing, the likelier one.
+            twin = any(
+                j in kept
+                and other.kind in ("table", "figure")
+                and overlap(region.bbox, other.bbox) >= CONTAINED * area(region.bbox)
+                for j, other in enumerate(regions)
+            )
+            if not twin:
+                kept.add(i)
             continue
         exempt = region.kind in ("caption", "header", "footer", "abandon")
         inside = False
@@ -528,6 +537,7 @@ def _units(page: PageInput) -> list[_Unit]:
         else:
             units[owner].lines.append(line)
     _attach_equation_numbers(units, orphans)
+    _attach_to_near_edges(units, orphans)
     kept: list[_Unit] = []
     for unit in units:
         if unit.kind in ("header", "footer", "abandon"):
@@ -554,6 +564,27 @@ def _attach_equation_numbers(units: list[_Unit], orphans: list[Line]) -> None:
                 unit.lines.append(line)
                 orphans.remove(line)
                 break
+
+
+def _attach_to_near_edges(units: list[_Unit], orphans: list[Line]) -> None:
+    """A line just outside a region's left or right edge, on a row of that region's lines, is
+    the region's: a layout box drawn too tight, or a listing's line numbers beside its code."""
+    for line in list(orphans):
+        cy = (line.bbox[1] + line.bbox[3]) / 2
+        best: tuple[float, _Unit] | None = None
+        for unit in units:
+            if not unit.lines or unit.kind in ("header", "footer"):
+                continue
+            on_row = any(ln.bbox[1] <= cy <= ln.bbox[3] for ln in unit.lines)
+            if not on_row and not unit.bbox[1] <= cy <= unit.bbox[3]:
+                continue
+            distance = max(unit.bbox[0] - line.bbox[2], line.bbox[0] - unit.bbox[2])
+            reach = (2.0 if on_row else 1.0) * line.height
+            if distance <= reach and (best is None or distance < best[0]):
+                best = (distance, unit)
+        if best is not None:
+            best[1].lines.append(line)
+            orphans.remove(line)
 
 
 def _orphan_units(lines: list[Line]) -> list[_Unit]:
@@ -665,7 +696,7 @@ def _equation_text(lines: Sequence[Line]) -> str:
 def _table_blocks(unit: _Unit, lines: list[Line], page: PageInput, make: Maker) -> list[Block]:
     table = page.tables.get(unit.region) if unit.region is not None else None
     if table is None and _mostly_mono(lines):
-        return [make("code", text=_code_text(lines), lines=lines, bbox=unit.bbox)]
+        return _code_blocks(unit, lines, page, make)
     if table is None or not table.cells:
         if not lines:
             # Read by a backend that writes markup (GOT-OCR2's tables), or nothing at all.
@@ -715,10 +746,27 @@ def _figure_blocks(unit: _Unit, lines: list[Line], page: PageInput, make: Maker)
     if not lines:
         return [make("figure", bbox=unit.bbox)]
     if _mostly_mono(lines):
-        return [make("code", text=_code_text(lines), lines=lines, bbox=unit.bbox)]
+        return _code_blocks(unit, lines, page, make)
     # Text the figure holds (labels, a diagram's words): kept with the figure, line by line.
     text = "\n".join(" ".join(row_text.split()) for row_text in _row_texts(lines))
     return [make("figure", text=text, lines=lines, bbox=unit.bbox)]
+
+
+def _code_blocks(unit: _Unit, lines: list[Line], page: PageInput, make: Maker) -> list[Block]:
+    """A listing: its code, and the prose around it in the same region (a caption under it)
+    as blocks of their own. Prose is a row with no monospaced piece and more than two words
+    (a line number beside the code is neither)."""
+    code: list[Line] = []
+    prose_lines: list[Line] = []
+    for row in _rows(lines):
+        if any(ln.mono for ln in row) or sum(len(ln.text.split()) for ln in row) <= 2:
+            code.extend(row)
+        else:
+            prose_lines.extend(row)
+    blocks = [make("code", text=_code_text(code), lines=code)] if code else []
+    if prose_lines:
+        blocks.extend(_text_blocks(unit, prose_lines, page, make, kind="text"))
+    return blocks
 
 
 def _mostly_mono(lines: Sequence[Line]) -> bool:
@@ -732,21 +780,27 @@ def _row_texts(lines: Sequence[Line]) -> list[str]:
 
 def _code_text(lines: Sequence[Line]) -> str:
     """Code lines with their indentation (from each line's left edge, in characters) and the
-    blank lines between them kept."""
+    blank lines between them kept; pieces of one row (a line number and its code) joined."""
     widths = [ln.width / len(ln.text) for ln in lines if len(ln.text.strip()) >= 2]
     char = sorted(widths)[len(widths) // 2] if widths else max(1.0, lines[0].height / 2)
     left = min(ln.bbox[0] for ln in lines)
     out: list[str] = []
-    prev: Line | None = None
-    for line in lines:
+    prev: list[Line] | None = None
+    for row in _rows(_reading_lines(lines)):
         if prev is not None:
-            gap = line.bbox[1] - prev.bbox[3]
-            out.extend([""] * max(0, min(3, round(gap / max(prev.height, 1.0)))))
-        text = line.text.rstrip()
-        stripped = text.lstrip(" ")
-        indent = max(round((line.bbox[0] - left) / char), 0) + (len(text) - len(stripped))
-        out.append(" " * indent + stripped)
-        prev = line
+            height = max(max(ln.height for ln in prev), 1.0)
+            gap = min(ln.bbox[1] for ln in row) - max(ln.bbox[3] for ln in prev)
+            out.extend([""] * max(0, min(3, int(gap / (0.9 * height)))))
+        text = ""
+        x = left
+        for piece in row:
+            raw = piece.text.rstrip()
+            stripped = raw.lstrip(" ")
+            spaces = max(round((piece.bbox[0] - x) / char), 1 if text else 0)
+            text += " " * (spaces + len(raw) - len(stripped)) + stripped
+            x = piece.bbox[2]
+        out.append(text)
+        prev = row
     return "\n".join(out)
 
 
