@@ -486,22 +486,27 @@ def build_blocks(page: PageInput) -> list[Block]:
     ordered = reading_order(placed, page.width, page.height)
     by_id = {id(b): u for b, u in zip(placed, units, strict=True)}
     blocks: list[Block] = []
+    starts: set[int] = set()  # blocks that begin a unit: only those may continue another
     for placeholder in ordered:
-        blocks.extend(_unit_blocks(by_id[id(placeholder)], page))
-    blocks = _join_continuations(blocks)
+        made = _unit_blocks(by_id[id(placeholder)], page)
+        if made:
+            starts.add(id(made[0]))
+        blocks.extend(made)
+    blocks = _join_continuations(blocks, starts)
     for n, block in enumerate(blocks):
         block.order = n
     return blocks
 
 
-def _join_continuations(blocks: list[Block]) -> list[Block]:
+def _join_continuations(blocks: list[Block], starts: set[int]) -> list[Block]:
     """A paragraph the layout model cut in two (a region boundary mid-sentence) made whole:
-    text that starts in lower case right after prose that did not end a sentence."""
+    text that starts a region in lower case right after prose that did not end a sentence."""
     out: list[Block] = []
     for block in blocks:
         prev = out[-1] if out else None
         if (
             prev is not None
+            and id(block) in starts
             and block.type == "text"
             and prev.type in ("text", "caption", "footnote")
             and prev.text
@@ -927,6 +932,11 @@ def _pieces(lines: list[Line], page: PageInput, *, hinted: bool, default: str) -
             continue
         kind = "caption" if _CAPTION.match(line.text.strip()) else default
         pieces.append(_Piece(kind, [line]))
+    for piece in pieces:
+        if piece.kind == "heading" and piece.level > 1:
+            words = sum(len(ln.text.split()) for ln in piece.lines)
+            if words > _MAX_HEADING_WORDS:
+                piece.kind = default  # a paragraph set large or bold, not a heading
     return pieces
 
 

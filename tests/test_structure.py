@@ -402,3 +402,25 @@ def test_repeated_furniture_of_ocr_pages_found_at_the_end():
     assert [b.type for b in first] == ["header", "text", "footer", "heading"]
     assert all(b.type == "header" for _, bs in pages for b in bs[:1])
     assert not mark_repeated_furniture([(1400.0, [Block("text", (0, 0, 9, 9), 0, "x", "pdf")])])
+
+
+def test_a_bold_paragraph_is_not_a_heading():
+    body = [
+        Line((72, 100 + 14 * n, 500, 112 + 14 * n), f"Plain body line {n} ends here." * 2, 10)
+        for n in range(6)
+    ]
+    bold = [
+        Line(
+            (72, 200 + 14 * n, 500, 212 + 14 * n),
+            f"Bold words in a long note {n} " * 2,
+            10,
+            bold=True,
+        )
+        for n in range(3)
+    ]
+    short = [Line((72, 260, 200, 272), "Short bold heading", 10, bold=True)]
+    lines = body + bold + short
+    style = analyze([(0, 792, lines)])
+    blocks = build_blocks(PageInput(0, 612, 792, [], lines, style))
+    assert [b.type for b in blocks] == ["text", "text", "heading"]
+    assert blocks[1].text.startswith("Bold words in a long note 0")
