@@ -182,6 +182,9 @@ class _Geometry:
             return list(idx)
         columns = self._components(idx)
         if len(columns) > 1:
+            cutters = self._cutters(idx, columns)
+            if cutters:
+                return self._order_bands(idx, cutters)
             return self._order_columns(columns)
         spanning = [i for i in idx if self._spans(i, idx)]
         if not spanning:
@@ -202,6 +205,25 @@ class _Geometry:
                 columns[c].append(i)
             return self._order_columns(columns)
         return sorted(idx, key=self.key)
+
+    def _cutters(self, idx: list[int], columns: list[list[int]]) -> list[int]:
+        """Blocks that cut columns into bands although they are narrow: a heading set across
+        the page whose box only covers its words. One line high (3% of the page at most),
+        nothing beside it, and blocks of another column both above and below it."""
+        column_of = {i: c for c, col in enumerate(columns) for i in col}
+        found = []
+        for i in idx:
+            box = self.boxes[i]
+            if box[3] - box[1] > 0.03 * self.page_height:
+                continue
+            if any(self._beside(i, j) for j in idx):
+                continue
+            others = [j for j in idx if column_of[j] != column_of[i]]
+            above = any(self.boxes[j][3] <= box[1] + self.y_tol for j in others)
+            below = any(self.boxes[j][1] >= box[3] - self.y_tol for j in others)
+            if above and below:
+                found.append(i)
+        return found
 
     def _components(self, idx: list[int]) -> list[list[int]]:
         """Groups of blocks connected by x-overlap, each in input order."""

@@ -18,6 +18,8 @@ import pymupdf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .protocol import bad_request, too_large
+from .tables import Table, table_from_pymupdf
+from .textlayer import BBox, Line, Shapes, page_shapes, pdf_lines
 
 # The pixel cap is ours (``max_image_pixels``), checked on the header before decoding; PIL's
 # own bomb check would otherwise fire at a different, global threshold.
@@ -120,7 +122,10 @@ class PdfDocument:
     def render(self, page: int, scale_x: float, scale_y: float | None = None) -> np.ndarray:
         """Render one page to an RGB array, refusing sizes over the pixel cap first."""
         scale_y = scale_x if scale_y is None else scale_y
-        pdf_page = self._doc[page]
+        try:
+            pdf_page = self._doc[page]
+        except Exception as exc:  # a damaged page tree: a cycle, a missing page object
+            raise bad_request(f"page {page} cannot be read: {exc}") from None
         width = round(pdf_page.rect.width * scale_x)
         height = round(pdf_page.rect.height * scale_y)
         if width * height > self.limits.max_pixels:
@@ -143,6 +148,30 @@ class PdfDocument:
             return self._doc[page].get_text("words", sort=False)
         except Exception as exc:
             raise bad_request(f"page {page} text cannot be read: {exc}") from None
+
+    def lines(self, page: int) -> tuple[list[Line], Shapes]:
+        """The page's text layer as lines with their fonts, and the bullets and ruled areas
+        drawn on it, in PDF points (see :mod:`ragws.textlayer`); no lines for a scan."""
+        try:
+            pdf_page = self._doc[page]
+            return pdf_lines(pdf_page), page_shapes(pdf_page)
+        except Exception as exc:
+            raise bad_request(f"page {page} text cannot be read: {exc}") from None
+
+    def page_size(self, page: int) -> tuple[float, float]:
+        """Width and height of a page in points."""
+        try:
+            rect = self._doc[page].rect
+        except Exception as exc:  # a damaged page tree: a cycle, a missing page object
+            raise bad_request(f"page {page} cannot be read: {exc}") from None
+        return float(rect.width), float(rect.height)
+
+    def table(self, page: int, clip: BBox) -> Table | None:
+        """The table pymupdf's table finder reads inside ``clip`` (points), if any."""
+        try:
+            return table_from_pymupdf(self._doc[page], clip)
+        except Exception:
+            return None  # the finder failed on odd drawings: the lines stay plain text
 
     def close(self) -> None:
         self._doc.close()

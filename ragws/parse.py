@@ -42,6 +42,7 @@ from .assemble import Block, Chunk, chunk_blocks, document_markdown, page_markdo
 from .documents import decode_image, encode_jpeg
 from .layout import LayoutService, PdfPlan
 from .metrics import Metrics
+from .models.orientation import rotate
 from .ocr import OcrBackend
 from .protocol import ErrorCode, ParseRequest, RequestError
 from .structure import (
@@ -61,7 +62,7 @@ from .textlayer import BBox, Line, Shapes, ocr_line
 from .window import windowed
 
 if TYPE_CHECKING:
-    from .table_service import TableStructureService
+    from .table_service import OrientationService, TableStructureService
     from .tables import Table
 
 #: Region kinds whose text is read when the text layer has none for them.
@@ -129,11 +130,14 @@ class ParseService:
         max_image_pixels: int,
         pages_in_flight: int = 4,
         tables: TableStructureService | None = None,
+        orientation: OrientationService | None = None,
     ) -> None:
-        """``tables`` reads the grid of tables that have no text layer to find it from."""
+        """``tables`` reads the grid of tables that have no text layer to find it from;
+        ``orientation`` rights scanned pages turned by 90, 180 or 270 degrees before layout."""
         self.layout = layout
         self.ocr = ocr
         self.tables = tables
+        self.orientation = orientation
         self.metrics = metrics
         self._pool = pool
         self._max_pixels = max_image_pixels
@@ -219,6 +223,11 @@ class ParseService:
         started: float,
         plan: PdfPlan | None,
     ) -> ParsedPage:
+        scan = not lines and request.text != "pdf" and self.ocr is not None
+        if scan and self.orientation is not None:
+            angle = await self.orientation.angle(rgb)
+            if angle:
+                rgb = await self._run(rotate, rgb, angle)
         height, width = rgb.shape[:2]
         layout = await self.layout.detect_array(rgb, page, started)
         layout_ms = (time.monotonic() - started) * 1000
@@ -232,7 +241,7 @@ class ParseService:
         if shapes is not None:
             regions.extend(ruled_tables(regions, shapes.grids))
         texts: dict[int, str] = {}
-        if not lines and request.text != "pdf" and self.ocr is not None:
+        if scan:
             lines, texts = await self._ocr_page(rgb, regions)
             style = page_style(lines, page, height) if lines else DocumentStyle()
         elif lines and request.text == "auto" and self.ocr is not None:
@@ -331,10 +340,29 @@ class ParseService:
                 if table is not None:
                     table = table.scaled(scale)
             if table is None and mine and self.tables is not None:
-                table = await self.tables.recognize_region(rgb, regions[i].bbox, mine)
+                table = await self._structure(rgb, regions[i].bbox, mine)
             if table is not None and table.cells:
                 found[i] = table
         return found
+
+    async def _structure(self, rgb: np.ndarray, box: BBox, lines: list[Line]) -> Table | None:
+        """The table-structure model on a region's crop, its cells filled with the region's
+        lines (or, where a line spans cells, its words spread evenly over the line's width);
+        boxes back in page pixels."""
+        assert self.tables is not None
+        height, width = rgb.shape[:2]
+        x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+        x1, y1 = min(width, int(box[2]) + 1), min(height, int(box[3]) + 1)
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            return None
+        crop = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+        words = [
+            (wx0 - x0, wy0 - y0, wx1 - x0, wy1 - y0, text)
+            for line in lines
+            for wx0, wy0, wx1, wy1, text in _line_words(line)
+        ]
+        table = await self.tables.recognize(crop, words)
+        return table.shifted(x0, y0) if table.cells else None
 
     async def _attach_figures(self, rgb: np.ndarray, blocks: Sequence[Block]) -> None:
         for block in blocks:
@@ -358,6 +386,23 @@ def read_text_layer(plan: PdfPlan) -> TextLayer:
         pages.append((page, plan.doc.page_size(page)[1], lines))
     layer.style = analyze(pages)
     return layer
+
+
+def _line_words(line: Line) -> list[tuple[float, float, float, float, str]]:
+    """A line's words with boxes: its width shared by character count (a line of the text
+    layer or of OCR knows its own box, not each word's)."""
+    parts = line.text.split()
+    total = sum(len(p) for p in parts) + max(0, len(parts) - 1)
+    if not parts or total == 0:
+        return []
+    x0, y0, x1, y1 = line.bbox
+    per_char = (x1 - x0) / total
+    out, at = [], 0
+    for part in parts:
+        start = x0 + at * per_char
+        out.append((start, y0, start + len(part) * per_char, y1, part))
+        at += len(part) + 1
+    return out
 
 
 def _scaled(box: BBox, factor: float) -> BBox:

@@ -9,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib
 import json
 import logging
 import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -30,16 +33,21 @@ from .layout import LayoutService, PageLayout
 from .line_ocr import LineOcrService
 from .metrics import CONTENT_TYPE, Metrics
 from .models import LayoutModel, load_layout_model, load_ocr_runner
+from .models.orientation import OrientationModel
 from .models.ppocr import PpOcrModels
+from .models.table_structure import TableStructureModel
 from .ocr import OcrBackend, OcrOptions, OcrService
 from .ocr_engine import StepRunner
 from .parse import ParsedDocument, ParsedPage, ParseService
 from .protocol import ErrorCode, RequestError
-from .security import security_middleware
+from .receive import SMALL_MESSAGE_BYTES, BoundedWebSocketResponse, ReceiveBudget, schedule_trim
+from .security import parse_hosts, security_middleware
 from .sequence import TokenEvent
 from .session import Services, Session, parse_done_frame
+from .table_service import OrientationService, TableStructureService
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICES = web.AppKey("services", Services)
 HTTP_STATUS = {
@@ -52,6 +60,8 @@ HTTP_STATUS = {
     ErrorCode.TIMEOUT: 504,
 }
 RETRY_AFTER_S = "1"
+#: Fields a form may have (aiohttp's limit); ragws's forms have a dozen.
+MAX_FORM_FIELDS = 1000
 #: Bytes a connection buffers below the session's send queue (aiohttp's own default).
 TRANSPORT_BUFFER = 64 * 1024
 
@@ -75,9 +85,12 @@ def create_app(
 ) -> web.Application:
     """Build the application. The model arguments let an embedding program (or a test suite)
     share models that are already loaded; otherwise the settings name what to load."""
+    allowed_hosts = parse_hosts(settings.allowed_hosts, settings.host)
     app = web.Application(
         client_max_size=settings.max_pdf_bytes + 1024 * 1024,
-        middlewares=[security_middleware(settings.api_key, settings.allowed_origins)],
+        middlewares=[
+            security_middleware(settings.api_key, settings.allowed_origins, allowed_hosts)
+        ],
     )
     app.cleanup_ctx.append(_services_ctx(settings, layout_model, ocr_runner))
     app.router.add_routes(
@@ -101,6 +114,79 @@ def create_app(
     return app
 
 
+#: What each optional extra installs that its backends import.
+EXTRA_MODULES = {"got": ("torch", "transformers"), "yolo": ("torch", "doclayout_yolo")}
+
+
+def _load_model(setting: str, spec: str, extra: str | None, load: Callable[[], T]) -> T:
+    """Run a model loader, failing early and clearly: a package the backend needs (an
+    optional extra) is named with the extra that installs it, and a model from the Hugging
+    Face hub that cannot be had says so in seconds (:func:`_from_hub_or_cache`)."""
+    try:
+        for module in EXTRA_MODULES.get(extra or "", ()):
+            importlib.import_module(module)
+        _from_hub_or_cache(spec)
+        return load()
+    except ImportError as exc:
+        if extra is None:
+            raise
+        raise RuntimeError(
+            f"{setting}={spec}: this backend needs {exc.name or 'a package'}, which is not "
+            f"installed; install it with: pip install 'ragws[{extra}]'"
+        ) from exc
+
+
+#: Models fetched from the Hugging Face hub: the setting's value → (repo, a file it has, the fix).
+HUB_MODELS = {
+    "got-ocr2": (
+        "stepfun-ai/GOT-OCR-2.0-hf",
+        "config.json",
+        "download it where the hub is reachable (huggingface-cli download "
+        "stepfun-ai/GOT-OCR-2.0-hf --local-dir DIR) and pass --ocr-model DIR",
+    ),
+    "doclayout-yolo": (
+        "juliozhao/DocLayout-YOLO-DocStructBench",
+        "doclayout_yolo_docstructbench_imgsz1024.pt",
+        "download doclayout_yolo_docstructbench_imgsz1024.pt where the hub is reachable and "
+        "pass its path as --layout-model",
+    ),
+}
+#: How long the hub gets to answer before it counts as unreachable.
+HUB_PROBE_S = 5.0
+
+
+def _from_hub_or_cache(spec: str) -> None:
+    """Before a model is loaded from the Hugging Face hub: when the hub cannot be reached,
+    load it from the local cache offline, or fail at once with one message if it is not
+    there. (huggingface_hub would retry for half a minute, logging every retry twice.)"""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if spec not in HUB_MODELS or offline:
+        return
+    repo, filename, fix = HUB_MODELS[spec]
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    probe = urllib.request.Request(f"{endpoint}/api/models/{repo}", method="HEAD")
+    try:
+        with urllib.request.urlopen(probe, timeout=HUB_PROBE_S):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: the loader reports what it says
+    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections
+        reason = getattr(exc, "reason", None) or exc
+    # Offline from here on, read by huggingface_hub when it is imported (and set on it if it
+    # already is), so the loader goes to the cache without retrying the network.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    constants.HF_HUB_OFFLINE = True
+    if isinstance(try_to_load_from_cache(repo, filename), str):
+        log.warning("the Hugging Face hub cannot be reached (%s): %s from the cache", reason, repo)
+        return
+    raise RuntimeError(
+        f"{spec}: the Hugging Face hub ({endpoint}) cannot be reached ({reason}) and {repo} "
+        f"is not in the local cache; {fix}"
+    )
+
+
 def _services_ctx(
     settings: Settings,
     layout_model: LayoutModel | None,
@@ -110,10 +196,13 @@ def _services_ctx(
         loop = asyncio.get_running_loop()
         model = layout_model or await loop.run_in_executor(
             None,
-            load_layout_model,
+            _load_model,
+            "layout_model",
             settings.layout_model,
-            settings.device,
-            settings.inference_threads,
+            "yolo" if settings.layout_model.endswith(("doclayout-yolo", ".pt")) else None,
+            lambda: load_layout_model(
+                settings.layout_model, settings.device, settings.inference_threads
+            ),
         )
         runner = ocr_runner
         if runner is None and settings.ocr_model == "embedded":
@@ -126,6 +215,10 @@ def _services_ctx(
         elif runner is None and settings.ocr_model != "none":
             runner = await loop.run_in_executor(
                 None,
+                _load_model,
+                "ocr_model",
+                settings.ocr_model,
+                "got",
                 lambda: load_ocr_runner(
                     settings.ocr_model,
                     settings.device,
@@ -142,6 +235,11 @@ def _services_ctx(
             settings.preprocess_threads or os.cpu_count() or 2, thread_name_prefix="ragws-prep"
         )
         layout = LayoutService(model, settings, metrics, pool)
+        if settings.preferred_batch_size is None:
+            log.info(
+                "measuring the layout model's fastest batch size on this machine "
+                "(layout_preferred_batch_size=auto; a few seconds)…"
+            )
         await layout.start()
         ocr_service: OcrBackend | None = None
         if isinstance(runner, PpOcrModels):
@@ -150,6 +248,26 @@ def _services_ctx(
             ocr_service = OcrService(runner, settings, metrics, pool)
         if ocr_service is not None:
             await ocr_service.start()
+        # The page models of the parse pipeline: table structure for tables without a text
+        # layer, and page orientation for scans. Both ship inside their wheels.
+        loop = asyncio.get_running_loop()
+        threads = settings.inference_threads
+        page_models = dict(
+            max_queue_delay_s=settings.max_wait_ms / 1000,
+            max_queue_size=settings.max_concurrent * 64,
+        )
+        tables = TableStructureService(
+            await loop.run_in_executor(None, lambda: TableStructureModel(threads=threads)),
+            pool,
+            **page_models,
+        )
+        orientation = OrientationService(
+            await loop.run_in_executor(None, lambda: OrientationModel(threads=threads)),
+            pool,
+            **page_models,
+        )
+        await tables.start()
+        await orientation.start()
         app[SERVICES] = Services(
             settings=settings,
             metrics=metrics,
@@ -165,6 +283,8 @@ def _services_ctx(
                 pool,
                 max_image_pixels=settings.max_image_pixels,
                 pages_in_flight=settings.parse_pages_in_flight,
+                tables=tables,
+                orientation=orientation,
             ),
             hello=protocol.hello_frame(
                 {"layout": model.name, "ocr": ocr_service.name if ocr_service else None},
@@ -173,6 +293,7 @@ def _services_ctx(
                 ocr_markup=ocr_service.markup if ocr_service else False,
             ),
             limits=protocol.Limits(max_render_scale=settings.max_render_scale),
+            receive=ReceiveBudget(settings.max_receive_buffer_mb * 2**20),
         )
         sessions = app[SERVICES].sessions
         metrics.websocket_send_queue_bytes.set_function(
@@ -183,6 +304,8 @@ def _services_ctx(
         finally:
             if ocr_service is not None:
                 await ocr_service.stop()
+            await tables.stop()
+            await orientation.stop()
             await layout.stop()
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -204,7 +327,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     # The send queue is the session's (ragws.outbox); below it, the connection buffers no
     # more than this, so send_queue_bytes is what a slow reader can make us hold.
     buffered = min(TRANSPORT_BUFFER, settings.send_queue_bytes)
-    ws = web.WebSocketResponse(
+    ws = BoundedWebSocketResponse(
+        budget=services.receive,
+        frame_timeout_s=settings.frame_timeout_s,
         max_msg_size=settings.max_frame_bytes,
         heartbeat=settings.heartbeat_s or None,
         compress=False,  # page images do not compress; deflating them only costs CPU
@@ -214,6 +339,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     if request.transport is not None:
         request.transport.set_write_buffer_limits(high=buffered)
     await Session(ws, services, peer=_peer(request), transport=request.transport).run()
+    await ws.refused()
+    if ws.meter is not None and ws.meter.peak > SMALL_MESSAGE_BYTES:
+        schedule_trim()  # a large frame's buffers went with the connection
     return ws
 
 
@@ -252,6 +380,8 @@ async def health(request: web.Request) -> web.Response:
             "ocr": ocr,
             "inflight": services.admission.inflight,
             "max_concurrent": services.admission.max_concurrent,
+            # Frames and bodies still arriving (max_receive_buffer_mb).
+            "receive_buffer_bytes": services.receive.held,
         },
         status=200 if healthy else 503,
     )
@@ -262,12 +392,12 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def _error_response(exc: RequestError) -> web.Response:
+def _error_response(exc: RequestError, status: int | None = None) -> web.Response:
     retry = exc.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE)
     headers = {"Retry-After": RETRY_AFTER_S} if retry else None
     return web.json_response(
         {"error": exc.code.value, "message": exc.message},
-        status=HTTP_STATUS[exc.code],
+        status=status or HTTP_STATUS[exc.code],
         headers=headers,
     )
 
@@ -277,23 +407,38 @@ async def _admitted(
     kind: str,
     serve: Callable[[dict[str, Any]], Awaitable[web.StreamResponse]],
 ) -> web.StreamResponse:
-    """Run an HTTP request under admission control, with the same outcomes as a WS request:
-    read its form, and serve it under the form's ``deadline_ms`` (504 if still queued then)."""
+    """Run an HTTP request with the same outcomes as a WS request: read its form, then take
+    an admission slot, and serve it under the form's ``deadline_ms`` (504 if still queued).
+
+    The body is read first, under ``body_timeout_s`` and with its size taken from the
+    receive budget, so that a client sending its body slowly holds a connection, never one
+    of the ``max_concurrent`` slots that other clients' work needs."""
     services = request.app[SERVICES]
-    if not services.admission.try_acquire():
-        services.metrics.requests_total.labels(kind, "overloaded").inc()
-        return _error_response(
-            RequestError(ErrorCode.OVERLOADED, services.admission.overloaded_message())
-        )
     outcome = "ok"
     try:
-        form = await _form_fields(request)
-        deadline_ms = _form_float(form, "deadline_ms", 0.0, 0.0, MAX_DEADLINE_MS)
-        with deadline_scope(deadline_ms / 1000 if deadline_ms else None):
-            return await serve(form)
+        form = await _read_form(request)
+        if not services.admission.try_acquire():
+            outcome = "overloaded"
+            return _error_response(
+                RequestError(ErrorCode.OVERLOADED, services.admission.overloaded_message())
+            )
+        try:
+            deadline_ms = _form_float(form, "deadline_ms", 0.0, 0.0, MAX_DEADLINE_MS)
+            with deadline_scope(deadline_ms / 1000 if deadline_ms else None):
+                return await serve(form)
+        finally:
+            services.admission.release()
+    except BodyTimeout as exc:
+        outcome = "timeout"
+        response = _error_response(RequestError(ErrorCode.TIMEOUT, str(exc)), status=408)
+        response.force_close()  # the rest of the body is not worth waiting for
+        return response
     except RequestError as exc:
         outcome = exc.code.value
-        return _error_response(exc)
+        response = _error_response(exc)
+        if exc.code in (ErrorCode.TOO_LARGE, ErrorCode.OVERLOADED):
+            response.force_close()  # do not read (or linger over) a body we refused
+        return response
     except DeadlineExceeded as exc:
         outcome = "timeout"
         return _error_response(RequestError(ErrorCode.TIMEOUT, str(exc)))
@@ -301,21 +446,56 @@ async def _admitted(
         outcome = "cancelled"
         raise
     finally:
-        services.admission.release()
         services.metrics.requests_total.labels(kind, outcome).inc()
 
 
-async def _form_fields(request: web.Request) -> dict[str, Any]:
+class BodyTimeout(Exception):
+    """The request body did not arrive within ``body_timeout_s``."""
+
+
+async def _read_form(request: web.Request) -> dict[str, Any]:
+    """The form, read in full within ``body_timeout_s``, its size held against the receive
+    budget while it arrives (a chunked body, of unknown size, counts as the largest)."""
+    services = request.app[SERVICES]
+    settings = services.settings
     if request.content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise protocol.bad_request("send the fields as multipart/form-data")
-    try:
-        return dict(await request.post())
-    except web.HTTPRequestEntityTooLarge:
+    limit = request.client_max_size
+    declared = request.content_length
+    if declared is not None and declared > limit:
         raise protocol.too_large(
-            f"body is larger than {request.app[SERVICES].settings.max_pdf_bytes} bytes"
-        ) from None
-    except ValueError as exc:
-        raise protocol.bad_request(f"malformed multipart body: {exc}") from None
+            f"body is {declared} bytes; the limit is {limit} (max_pdf_bytes and 1 MiB of fields)"
+        )
+    size = limit if declared is None else declared
+    budget = services.receive
+    if not budget.try_reserve(size):
+        mib = budget.limit / 2**20
+        raise RequestError(
+            ErrorCode.OVERLOADED,
+            f"the server is receiving {mib:.0f} MiB of uploads already "
+            "(max_receive_buffer_mb); retry later",
+        )
+    with budget.reserved(size):
+        try:
+            return dict(await asyncio.wait_for(request.post(), settings.body_timeout_s))
+        except asyncio.TimeoutError:
+            raise BodyTimeout(
+                f"the request body did not arrive within {settings.body_timeout_s:g} s "
+                "(body_timeout_s)"
+            ) from None
+        except web.HTTPRequestEntityTooLarge as exc:
+            if "fields" in (exc.text or ""):
+                raise protocol.too_large(
+                    f"the form has more than {MAX_FORM_FIELDS} fields; "
+                    "ragws's forms have a dozen at most"
+                ) from None
+            raise protocol.too_large(
+                f"body is larger than {limit} bytes (max_pdf_bytes and 1 MiB of fields)"
+            ) from None
+        except ValueError as exc:
+            raise protocol.bad_request(
+                f"malformed multipart body: {protocol.shown(str(exc))}"
+            ) from None
 
 
 def _form_float(form: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -548,7 +728,7 @@ def _form_bool(form: dict[str, Any], name: str) -> bool:
 def _form_int(form: dict[str, Any], name: str) -> int | None:
     raw = form.get(name)
     if raw is None or raw == "":
-        return None
+        return
     try:
         value = int(raw)
     except (TypeError, ValueError):
@@ -581,6 +761,22 @@ def _seed_page(page: PageLayout) -> dict[str, Any]:
     }
 
 
+def _url(site: web.TCPSite, settings: Settings) -> str:
+    """The address clients use: the bound port (when 0 was asked), a loopback name for a
+    wildcard bind."""
+    port = settings.port
+    server = site._server  # the listening sockets: the only place the bound port is known
+    sockets = getattr(server, "sockets", None) or ()
+    if sockets:
+        port = sockets[0].getsockname()[1]
+    host = settings.host
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 async def serve_forever(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully (used by ``ragws serve``).
 
@@ -589,16 +785,19 @@ async def serve_forever(settings: Settings) -> None:
     ``done`` / ``finish_reason: "shutdown"`` and close every socket with 1001; then release
     the models.
     """
+    if parse_hosts(settings.allowed_hosts, settings.host) is None and not settings.allowed_hosts:
+        log.warning(
+            "bound to %s with no allowed_hosts: requests for any Host name are answered, so a "
+            "page whose name is re-resolved to this address (DNS rebinding) can use the "
+            "server; set --allowed-hosts to the names clients use",
+            settings.host,
+        )
+    log.info("ragws %s: loading models…", __version__)
     runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None)
     await runner.setup()  # loads the models; a bad model fails here, before binding
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
-    log.info(
-        "ragws %s listening on http://%s:%d (WebSocket at /ws)",
-        __version__,
-        settings.host,
-        settings.port,
-    )
+    log.info("ready on %s (WebSocket at /ws, viewer at /)", _url(site, settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
