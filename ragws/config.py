@@ -55,6 +55,12 @@ class Settings:
         "comma-separated origins whose pages may open WebSockets (e.g. https://app.example); "
         "the server's own origin always may; * = any",
     )
+    allowed_hosts: str = _setting(
+        "",
+        "comma-separated Host names the server answers to (a name, or name:port; * = any); "
+        "others get 421, which defeats DNS rebinding; empty = localhost, 127.0.0.1 and [::1] "
+        "on a loopback bind, any host (with a warning) on other binds",
+    )
     log_level: str = _setting("info", "log verbosity", choices=LOG_LEVELS)
     log_format: str = _setting(
         "text",
@@ -152,6 +158,21 @@ class Settings:
     max_frame_bytes: int = _setting(
         96 * 1024 * 1024, "largest WebSocket frame; a bigger one closes the socket with 1009"
     )
+    max_receive_buffer_mb: int = _setting(
+        256,
+        "MiB held across all clients for WebSocket frames and HTTP bodies still arriving; a "
+        "frame over 1 MiB that finds it spent closes its socket with 1013, a body gets 429",
+    )
+    frame_timeout_s: float = _setting(
+        60.0,
+        "a WebSocket frame not complete this long after its first byte closes its socket "
+        "with 1008 (what it held is freed)",
+    )
+    body_timeout_s: float = _setting(
+        60.0,
+        "an HTTP request body not read in full this long after the headers is answered 408; "
+        "bodies are read before a request takes a max_concurrent slot",
+    )
     max_image_pixels: int = _setting(
         40_000_000, "largest image (width × height) decoded or rendered; checked before decoding"
     )
@@ -190,6 +211,18 @@ class Settings:
         _require(self.max_pdf_bytes >= 1024, "max_pdf_bytes", self.max_pdf_bytes, "must be ≥ 1024")
         _require(
             self.max_frame_bytes >= 1024, "max_frame_bytes", self.max_frame_bytes, "must be ≥ 1024"
+        )
+        _require(
+            self.max_receive_buffer_mb * 2**20 >= self.max_frame_bytes,
+            "max_receive_buffer_mb",
+            self.max_receive_buffer_mb,
+            "must hold at least one frame of max_frame_bytes",
+        )
+        _require(
+            0 < self.frame_timeout_s <= 3600, "frame_timeout_s", self.frame_timeout_s, "(0, 3600]"
+        )
+        _require(
+            0 < self.body_timeout_s <= 3600, "body_timeout_s", self.body_timeout_s, "(0, 3600]"
         )
         _require(
             self.max_image_pixels >= 64 * 64,
@@ -292,6 +325,9 @@ class Settings:
             "max_pages": self.max_pages,
             "max_pdf_bytes": self.max_pdf_bytes,
             "max_frame_bytes": self.max_frame_bytes,
+            "max_receive_buffer_mb": self.max_receive_buffer_mb,
+            "frame_timeout_s": self.frame_timeout_s,
+            "body_timeout_s": self.body_timeout_s,
             "max_image_pixels": self.max_image_pixels,
             "max_render_scale": self.max_render_scale,
             "layout_batch_size": self.layout_batch_size,

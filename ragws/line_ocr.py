@@ -34,8 +34,8 @@ from .config import Settings
 from .documents import decode_image
 from .metrics import Metrics
 from .models.ppocr import TEXT_SCORE, DetInput, LineInput, PpOcrModels, TextLine, quad_bounds
-from .ocr import OcrOptions, crop_box
-from .protocol import ErrorCode, RequestError
+from .ocr import OcrOptions, clamp_box, crop_box
+from .protocol import ErrorCode, RequestError, bad_request
 from .sequence import FinishReason, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ class LineOcrService:
         rgb = image
         if isinstance(image, bytes):
             rgb = await self._run(decode_image, image, self.settings.max_image_pixels)
+        offset = clamp_box(rgb, options.box)[:2] if options.box else (0, 0)
         rgb = crop_box(rgb, options.box)
-        offset = options.box[:2] if options.box else (0.0, 0.0)
         count = 0
         first_at: float | None = None
         timing: dict[str, float] = {}
@@ -158,7 +158,14 @@ class LineOcrService:
         threshold are left out, as rapidocr does. ``timing["detect_at"]`` gets the moment the
         image's detection started (the end of its queueing).
         """
-        prepared = await self._run(self.models.prepare_det, rgb)
+        try:
+            prepared = await self._run(self.models.prepare_det, rgb)
+        except Exception as exc:  # geometry detection cannot take: 1×100000, 2×60000, ...
+            height, width = rgb.shape[:2]
+            raise bad_request(
+                f"text detection cannot read an image of {width}×{height} pixels "
+                f"({type(exc).__name__}); send an image of more ordinary proportions"
+            ) from None
         submitted = time.monotonic()
         detected = await self._submit(self._det, prepared, "text detection")
         if timing is not None:
@@ -184,6 +191,17 @@ class LineOcrService:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def read_page_lines(self, rgb: np.ndarray) -> list[tuple[str, Box]]:
+        """Every line of the page with its box, in the detector's reading order."""
+        found: list[tuple[str, Box]] = []
+        lines = self.read_lines(rgb)
+        try:
+            async for line in lines:
+                found.append((line.text, line.box))
+        finally:
+            await lines.aclose()
+        return found
 
     async def read_regions(
         self, rgb: np.ndarray, regions: Sequence[Box], modes: Sequence[str] = ()

@@ -71,6 +71,13 @@ class OcrBackend(Protocol):
         modes: Seq[str],
     ) -> list[str]: ...
 
+    async def read_page_lines(
+        self, rgb: np.ndarray
+    ) -> list[tuple[str, tuple[float, float, float, float]]] | None:
+        """Every text line of a page with its box, or None for a backend that reads regions
+        and cannot place lines (the parse pipeline then reads region by region)."""
+        ...
+
 
 class OcrService:
     """GOT-OCR2 behind the continuous-batching engine (see the module docstring)."""
@@ -162,6 +169,12 @@ class OcrService:
             if not finished:
                 self.engine.abort(seq.request_id)
 
+    async def read_page_lines(
+        self, rgb: np.ndarray
+    ) -> list[tuple[str, tuple[float, float, float, float]]] | None:
+        """GOT-OCR2 reads regions, not located lines: None (see :class:`OcrBackend`)."""
+        return None
+
     async def read_regions(
         self,
         rgb: np.ndarray,
@@ -204,9 +217,16 @@ def crop_box(rgb: np.ndarray, box: tuple[float, float, float, float] | None) -> 
     """Crop to ``[x0, y0, x1, y1]`` in the image's pixels; refuse boxes outside the image."""
     if box is None:
         return rgb
+    x0, y0, x1, y1 = clamp_box(rgb, box)
+    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
+
+
+def clamp_box(rgb: np.ndarray, box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """``box`` rounded and clipped to the image: what :func:`crop_box` cuts, and so the
+    origin of the crop's coordinates (a box may start left of or above the image)."""
     height, width = rgb.shape[:2]
     x0, y0, x1, y1 = (round(v) for v in box)
     x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
     if x1 - x0 < 2 or y1 - y0 < 2:
         raise bad_request(f"box {list(box)} leaves no pixels of the {width}×{height} image")
-    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
+    return x0, y0, x1, y1

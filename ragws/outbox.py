@@ -84,12 +84,16 @@ class Outbox:
         self._queued = 0
         self._room.set()  # releases waiting put()s, which then drop their frames
 
-    async def stop(self) -> None:
-        """Discard, and end the writer."""
+    def close(self) -> None:
+        """Discard, and cancel the writer (without waiting for it to end)."""
         self.discard()
         self._writer.cancel()
-        await asyncio.gather(self._writer, return_exceptions=True)
         self._idle.set()
+
+    async def stop(self) -> None:
+        """Discard, and end the writer."""
+        self.close()
+        await asyncio.gather(self._writer, return_exceptions=True)
 
     async def _write_forever(self) -> None:
         loop = asyncio.get_running_loop()

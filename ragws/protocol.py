@@ -24,6 +24,7 @@ PROTOCOL_VERSION = 1
 RequestId = str | int
 MAX_ID_CHARS = 128
 MAX_SELECTED_PAGES = 100_000  # a sanity bound on the list itself; max_pages is the real cap
+MAX_PAGE = 2**31  # page numbers beyond any pdf's; bounds the number echoed in messages
 
 
 class ErrorCode(str, enum.Enum):
@@ -138,12 +139,138 @@ class Limits:
     max_render_scale: float = 4.0
 
 
+#: Keys in one frame's map; a request has a dozen.
+MAX_FIELDS = 1024
+#: Bytes of one msgpack string: strings are ids, types and choices (documents are binaries).
+MAX_STR_BYTES = 64 * 1024
+#: Arrays in one frame, and items in all of them: a frame is one map whose values are
+#: scalars, binaries or flat arrays of numbers (``pages``, ``box``).
+MAX_ARRAYS = 8
+MAX_ITEMS = MAX_SELECTED_PAGES + 1024
+
+
+class _TooNested(ValueError):
+    pass
+
+
+class _Containers:
+    """Counts the arrays and maps msgpack builds, and stops decoding past what a frame of the
+    protocol holds. Every container costs a Python object per input byte or so (an array32
+    of empty arrays: 10 MB in, 0.7 GB of lists out); the length limits bound one container,
+    this bounds their number. msgpack builds inner containers first, so such a frame stops
+    after a handful of objects."""
+
+    __slots__ = ("arrays", "items", "maps", "max_maps")
+
+    def __init__(self, max_maps: int) -> None:
+        self.arrays = self.items = self.maps = 0
+        self.max_maps = max_maps
+
+    def array(self, value: list[Any]) -> list[Any]:
+        self.arrays += 1
+        self.items += len(value)
+        if self.arrays > MAX_ARRAYS:
+            raise _TooNested("arrays nested in arrays")
+        if self.items > MAX_ITEMS:
+            raise _TooNested(f"more than {MAX_ITEMS} array items")
+        return value
+
+    def map(self, value: dict[str, Any]) -> dict[str, Any]:
+        self.maps += 1
+        if self.maps > self.max_maps:
+            raise _TooNested("a map inside the frame's map")
+        return value
+
+
+class Unreadable:
+    """A field value the server does not decode (nested containers, an overlong string): it
+    fails the field's validation like any wrong value, and a field the request does not use
+    is ignored like any unknown field."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return self.reason
+
+
+def _unpack(data: bytes, containers: _Containers) -> Any:
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        strict_map_key=True,
+        max_str_len=MAX_STR_BYTES,
+        max_bin_len=len(data),
+        max_array_len=MAX_SELECTED_PAGES,
+        max_map_len=MAX_FIELDS,
+        max_ext_len=0,
+        list_hook=containers.array,
+        object_hook=containers.map,
+    )
+
+
 def decode_frame(data: bytes) -> Any:
-    """Unpack one binary frame; any malformation is a ``bad_request``."""
+    """Unpack one binary frame; any malformation is a ``bad_request``.
+
+    Decoding is bounded so that no frame can amplify: strings, arrays and maps have length
+    limits checked before anything is allocated, extension types are refused, and a frame
+    holds one map and at most :data:`MAX_ARRAYS` flat arrays (see :class:`_Containers`).
+    Binaries are bounded by the frame itself (``max_frame_bytes``). A frame over a limit is
+    read again field by field (:func:`_decode_fields`), so that its error carries its id.
+    """
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+        return _unpack(data, _Containers(max_maps=1))
+    except (_TooNested, ValueError) as exc:
+        if not isinstance(exc, _TooNested) and "exceeds max_" not in str(exc):
+            # Malformed (msgpack's messages quote lengths and types, never client data).
+            message = str(exc)[:200] or type(exc).__name__
+            raise bad_request(f"frame is not valid msgpack: {message}") from None
+        fields = _decode_fields(data)
+        if fields is None:
+            raise bad_request(f"frame exceeds a limit of the protocol: {exc}") from None
+        return fields
     except Exception as exc:  # msgpack raises a zoo of types (ExtraData, FormatError, ...)
         raise bad_request(f"frame is not valid msgpack: {type(exc).__name__}") from None
+
+
+def _decode_fields(data: bytes) -> dict[Any, Any] | None:
+    """The frame's map, each value decoded alone within the limits or else
+    :class:`Unreadable`; None when the frame is not a map of string keys. Skipping a value
+    builds nothing, so this is as bounded as the first attempt."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data))
+    unpacker.feed(data)
+    fields: dict[Any, Any] = {}
+    items = 0
+    try:
+        count = unpacker.read_map_header()
+        if count > MAX_FIELDS:
+            return None
+        for _ in range(count):
+            start = unpacker.tell()
+            unpacker.skip()
+            key = _unpack(data[start : unpacker.tell()], _Containers(max_maps=0))
+            if not isinstance(key, (str, bytes)):
+                return None
+            start = unpacker.tell()
+            unpacker.skip()
+            containers = _Containers(max_maps=0)
+            containers.items = items
+            try:
+                fields[key] = _unpack(data[start : unpacker.tell()], containers)
+                items = containers.items
+            except _TooNested as exc:
+                fields[key] = Unreadable(str(exc))
+            except ValueError as exc:
+                if "exceeds max_" not in str(exc):
+                    return None
+                fields[key] = Unreadable(str(exc))
+        if unpacker.tell() != len(data):
+            return None  # trailing bytes
+    except Exception:  # malformed after all
+        return None
+    return fields
 
 
 def parse_request(frame: Any, limits: Limits) -> Request:
@@ -237,6 +364,8 @@ def peek_id(frame: Any) -> RequestId | None:
 
 
 def _kind(value: Any) -> str:
+    if isinstance(value, Unreadable):
+        return value.reason
     return "nil" if value is None else type(value).__name__
 
 
@@ -345,8 +474,10 @@ def _pages(frame: Mapping[str, Any]) -> tuple[int, ...] | None:
     if len(value) > MAX_SELECTED_PAGES:
         raise too_large(f"field 'pages' lists {len(value)} pages")
     for page in value:
-        if isinstance(page, bool) or not isinstance(page, int) or page < 0:
-            raise bad_request(f"field 'pages' must hold integers ≥ 0, got {shown(page)}")
+        if isinstance(page, bool) or not isinstance(page, int) or not 0 <= page < MAX_PAGE:
+            raise bad_request(
+                f"field 'pages' must hold integers in [0, {MAX_PAGE}), got {shown(page)}"
+            )
     if len(set(value)) != len(value):
         raise bad_request("field 'pages' lists a page more than once")
     return tuple(value)

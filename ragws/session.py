@@ -46,6 +46,7 @@ from .protocol import (
     RequestError,
     RequestId,
 )
+from .receive import ReceiveBudget
 from .sequence import TokenEvent
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Services:
     parse: ParseService
     hello: dict[str, Any]
     limits: protocol.Limits
+    receive: ReceiveBudget  # bytes of frames and bodies still arriving, across all clients
     sessions: set[Session] = field(default_factory=set)  # open sockets, for shutdown
 
 
@@ -92,6 +94,7 @@ class Session:
         self.inflight: dict[RequestId, asyncio.Task[None]] = {}
         self._started: set[asyncio.Task[None]] = set()  # request tasks that began running
         self.shutting_down = False
+        self.task: asyncio.Task[None] | None = None  # the one running run()
         self._background: set[asyncio.Future[None]] = set()  # sends of the done callbacks
         # Ids of requests that ended lately, so that a cancel which crossed the end is ignored
         # rather than answered with an error about an unknown id.
@@ -112,6 +115,7 @@ class Session:
 
     async def run(self) -> None:
         """Serve the socket until it closes, then cancel whatever is still in flight."""
+        self.task = asyncio.current_task()
         metrics = self.services.metrics
         metrics.websocket_connections.inc()
         self.services.sessions.add(self)
@@ -140,8 +144,11 @@ class Session:
             tasks = list(self.inflight.values())
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.outbox.stop()
+            # Before any await: when the client drops, this task is cancelled again while it
+            # waits below, and nothing after that await would run (a writer task left
+            # pending, destroyed with the session).
+            self.outbox.close()
+            await asyncio.gather(*tasks, self.outbox.stop(), return_exceptions=True)
 
     async def _next_message(self) -> WSMessage | None:
         """The next message, or None once the socket has idled out: nothing in flight and no

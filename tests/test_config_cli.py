@@ -122,7 +122,7 @@ def test_python_m_ragws_serves_and_stops_on_sigterm(tmp_path):
         proc.terminate()
         output, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, output
-        assert "listening on" in output
+        assert f"ready on http://127.0.0.1:{port}" in output
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -161,3 +161,38 @@ def test_json_log_lines_carry_request_fields(capsys):
     assert line["event"] == "request" and line["request_id"] == "a"
     assert line["outcome"] == "ok" and line["level"] == "info"
     assert line["time"].endswith("Z")
+
+
+def _serve_fails(tmp_path, *flags: str, env: dict[str, str] | None = None) -> tuple[str, float]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ragws", "serve", "--port", "0", *flags],
+        cwd=tmp_path,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    return proc.stderr, time.monotonic() - started
+
+
+def test_a_missing_extra_is_named_with_its_install_command(tmp_path):
+    # A torch that cannot be imported, as on an install without the extra.
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    stderr, _ = _serve_fails(tmp_path, "--ocr-model", "got-ocr2", env=env)
+    assert "pip install 'ragws[got]'" in stderr and "torch" in stderr
+
+
+def test_an_unreachable_hub_fails_in_seconds_with_one_message(tmp_path):
+    pytest.importorskip("torch")
+    # Nothing listens on port 9: the hub is unreachable, and the model is in no cache here.
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    stderr, elapsed = _serve_fails(tmp_path, "--ocr-model", "got-ocr2", env=env)
+    assert "cannot be reached" in stderr and "--ocr-model DIR" in stderr, stderr
+    assert "Retry" not in stderr and stderr.count("cannot be reached") == 1
+    assert elapsed < 60

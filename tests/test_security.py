@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from ragws.security import parse_origins
+from ragws.security import LOOPBACK_HOSTS, host_allowed, parse_hosts, parse_origins, split_host
 
 KEY = "s3cret-key"
 
@@ -67,3 +67,20 @@ def test_origins_are_normalised():
     }
     assert parse_origins("http://a.example:80") == {"http://a.example"}
     assert parse_origins("") == frozenset()
+
+
+def test_host_names_are_split_and_matched():
+    assert split_host("[::1]:7088") == ("[::1]", "7088")
+    assert split_host("LocalHost.") == ("localhost", None)
+    assert split_host("a.example:80") == ("a.example", "80")
+    # Loopback binds answer to the loopback names on any port; other binds to any host.
+    assert parse_hosts("", "127.0.0.1") == LOOPBACK_HOSTS == parse_hosts("", "::1")
+    assert parse_hosts("", "localhost") == LOOPBACK_HOSTS
+    assert parse_hosts("", "0.0.0.0") is None and parse_hosts("", "10.0.0.5") is None
+    assert parse_hosts("a.example, *", "127.0.0.1") is None
+    allowed = parse_hosts(" Docs.Example , 10.0.0.5:8080, ::1", "0.0.0.0")
+    assert allowed == {"docs.example", "10.0.0.5:8080", "[::1]"}
+    assert host_allowed("docs.example:7088", allowed)
+    assert host_allowed("10.0.0.5:8080", allowed) and not host_allowed("10.0.0.5:80", allowed)
+    assert host_allowed("[::1]:1", allowed) and not host_allowed("evil.example", allowed)
+    assert host_allowed("anything", None)
