@@ -28,12 +28,14 @@ import msgpack
 __all__ = [
     "AsyncClient",
     "Block",
+    "Cell",
     "Chunk",
     "ChunkBox",
     "Client",
     "Document",
     "Hello",
     "Layout",
+    "ListItem",
     "OcrResult",
     "OcrStream",
     "ParseStream",
@@ -188,16 +190,63 @@ class OcrResult:
 
 
 @dataclass(frozen=True, slots=True)
-class Block:
-    """One region of a parsed page, with its text; bbox in the rendered page's pixels."""
+class ListItem:
+    """One item of a ``list`` block: its text, its depth (0 = top) and its marker."""
 
-    type: str  # title, text, table, figure, header, footer, ... (see docs/protocol.md)
+    text: str
+    level: int = 0
+    marker: str = "-"  # "-" for a bullet, "1.", "2." ... for a numbered item
+
+    @classmethod
+    def from_dict(cls, data: Frame) -> ListItem:
+        return cls(
+            text=data.get("text", ""), level=data.get("level", 0), marker=data.get("marker", "-")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """One cell of a ``table`` block, at its 0-based row and column, spanning rows/columns."""
+
+    row: int
+    col: int
+    row_span: int  # >= 1
+    col_span: int  # >= 1
+    text: str
+    bbox: list[float] | None = None  # in the rendered page's pixels, when known
+
+    @classmethod
+    def from_dict(cls, data: Frame) -> Cell:
+        return cls(
+            row=data.get("row", 0),
+            col=data.get("col", 0),
+            row_span=data.get("row_span") or 1,
+            col_span=data.get("col_span") or 1,
+            text=data.get("text", ""),
+            bbox=data.get("bbox"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One block of a parsed page, with its text; bbox in the rendered page's pixels.
+
+    The fields after ``image`` carry the block's structure; a server that does not send them
+    (an older one) leaves them ``None`` or empty.
+    """
+
+    type: str  # title, heading, text, list, code, table, equation, figure, caption, ...
     bbox: list[float]
     text: str
     order: int  # position in the page's reading order
     source: str  # "pdf", "ocr" or "none"
     score: float
     image: bytes | None = None  # a figure's crop as JPEG, with figures=True
+    markdown: str = ""  # the block's own markdown ("" for furniture left out of it)
+    level: int | None = None  # title: 1; heading: 2..6; else None
+    items: list[ListItem] = field(default_factory=list)  # a list's items
+    html: str | None = None  # a table as <table> markup (text escaped)
+    cells: list[Cell] = field(default_factory=list)  # a table's cells
 
     @classmethod
     def from_dict(cls, data: Frame) -> Block:
@@ -209,6 +258,11 @@ class Block:
             source=data.get("source", "none"),
             score=data.get("score", 0.0),
             image=data.get("image"),
+            markdown=data.get("markdown") or "",
+            level=data.get("level"),
+            items=[ListItem.from_dict(item) for item in data.get("items") or ()],
+            html=data.get("html"),
+            cells=[Cell.from_dict(cell) for cell in data.get("cells") or ()],
         )
 
 
@@ -247,11 +301,13 @@ class ChunkBox:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A RAG chunk: blocks joined in reading order, with the pages and boxes they came from."""
+    """A RAG chunk: blocks joined in reading order, with the pages and boxes they came from,
+    and the heading path in force at its first block."""
 
     text: str
     pages: list[int]
     bboxes: list[ChunkBox]
+    headings: list[str] = field(default_factory=list)  # outermost first; [] before any
 
     @classmethod
     def from_dict(cls, data: Frame) -> Chunk:
@@ -259,6 +315,7 @@ class Chunk:
             text=data["text"],
             pages=list(data.get("pages") or ()),
             bboxes=[ChunkBox(b["page"], b["bbox"]) for b in data.get("bboxes") or ()],
+            headings=list(data.get("headings") or ()),
         )
 
 

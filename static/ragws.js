@@ -16,6 +16,38 @@
 const MSGPACK_URL = new URL("./vendor/msgpack.min.js", import.meta.url);
 const { encode, decode } = globalThis.MessagePack ?? (await loadMsgpack(MSGPACK_URL));
 
+/**
+ * What a `parse` request's frames hold (docs/protocol.md, "Blocks"). Fields marked optional
+ * are sent only on the types named, and not at all by older servers.
+ * @typedef {"title" | "heading" | "text" | "list" | "code" | "table" | "equation" | "figure"
+ *   | "caption" | "footnote" | "header" | "footer"} BlockType
+ * @typedef {object} ParseBlock
+ * @property {BlockType | string} type
+ * @property {number[]} bbox [x0, y0, x1, y1] in the rendered page's pixels
+ * @property {string} text plain text: a list's items, a table's rows ("a | b") one per line
+ * @property {string} markdown the block's own markdown ("" for furniture left out of it)
+ * @property {number} order its position in the page's reading order
+ * @property {"pdf" | "ocr" | "none"} source
+ * @property {number} score
+ * @property {number} [level] title: 1; heading: 2..6
+ * @property {{text: string, level: number, marker: string}[]} [items] a list's items
+ * @property {string} [html] a table as <table> markup (text escaped)
+ * @property {TableCell[]} [cells] a table's cells, a merged one once
+ * @property {Uint8Array} [image] a figure's JPEG, with `figures: true`
+ * @typedef {object} TableCell
+ * @property {number} row 0-based
+ * @property {number} col 0-based
+ * @property {number} row_span at least 1
+ * @property {number} col_span at least 1
+ * @property {string} text
+ * @property {number[] | null} bbox
+ * @typedef {object} ParseChunk
+ * @property {string} text
+ * @property {number[]} pages
+ * @property {{page: number, bbox: number[]}[]} bboxes
+ * @property {string[]} headings the heading path at its first block, outermost first
+ */
+
 /** Connection states, in the order a client normally goes through them. */
 export const STATES = Object.freeze(["connecting", "open", "reconnecting", "closed"]);
 
@@ -122,9 +154,9 @@ export class Client extends EventTarget {
     return this.#start("ocr", { image }, options, true).stream;
   }
 
-  /** Parse a PDF or an image (told apart by its first bytes) → Stream of `page` frames;
-   * `.result` is the `done` frame with markdown and chunks. Options: pages, text, chunk_chars,
-   * scale, figures, furniture, signal. */
+  /** Parse a PDF or an image (told apart by its first bytes) → Stream of `page` frames, each
+   * with its `blocks` (ParseBlock[]); `.result` is the `done` frame with markdown and chunks
+   * (ParseChunk[]). Options: pages, text, chunk_chars, scale, figures, furniture, signal. */
   parse(document, options = {}) {
     return this.#start("parse", { document }, options, true).stream;
   }

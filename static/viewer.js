@@ -3,28 +3,39 @@
 // to markdown. Everything goes through ragws.js; every server string reaches the page as text.
 
 import { connect, RagwsError } from "./ragws.js";
-import { renderMarkdown } from "./markdown.js";
+import { headingLevel, renderBlock, renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
 
-// Colours per class; the embedded model's and DocLayout-YOLO's classes have fixed ones.
+// Colours per class: the parse's block types, and the layout models' own classes (the
+// embedded model's and DocLayout-YOLO's), the same colour where they mean the same thing.
 const CLASS_COLORS = {
   title: "#d62728",
+  heading: "#8c1d40",
   text: "#1f77b4",
-  "plain text": "#1f77b4",
-  figure: "#2ca02c",
-  figure_caption: "#17a589",
+  list: "#4169e1",
+  code: "#2f4f4f",
   table: "#ff7f0e",
-  table_caption: "#a0522d",
-  table_footnote: "#bc8f5f",
+  equation: "#e377c2",
+  figure: "#2ca02c",
+  caption: "#17a589",
+  footnote: "#bc8f5f",
   header: "#7f7f7f",
   footer: "#9c9c9c",
+  "plain text": "#1f77b4",
+  figure_caption: "#17a589",
+  table_caption: "#17a589",
+  table_footnote: "#bc8f5f",
   abandon: "#9c9c9c",
   reference: "#9467bd",
-  equation: "#e377c2",
   isolate_formula: "#e377c2",
-  formula_caption: "#c2185b",
+  formula_caption: "#17a589",
 };
+// The parse's block types (docs/protocol.md), in the order the blocks legend lists them.
+const BLOCK_TYPES = [
+  "title", "heading", "text", "list", "code", "table",
+  "equation", "figure", "caption", "footnote", "header", "footer",
+];
 const SPARE_COLORS = ["#008b8b", "#8b8b00", "#4b0082", "#dc143c", "#556b2f", "#00008b"];
 const RENDER_SCALE = 2; // PDF pages at 144 dpi: what OCR reads well, and sharp on screen
 
@@ -519,8 +530,8 @@ $("parse-pages").addEventListener("keydown", (event) => {
 $("parse-stop").addEventListener("click", () => {
   if (view.parse?.cancel()) setStatus("parse-status", "running", "Stopping…");
 });
-$("view-rendered").addEventListener("click", () => showMarkdownView("rendered"));
-$("view-raw").addEventListener("click", () => showMarkdownView("raw"));
+const VIEWS = ["rendered", "blocks", "raw"];
+for (const which of VIEWS) $(`view-${which}`).addEventListener("click", () => showMarkdownView(which));
 $("download-md").addEventListener("click", () => {
   const { name, done } = view.parsed;
   download(`${baseName(name)}.md`, done.markdown, "text/markdown");
@@ -543,6 +554,8 @@ function resetParsePanel() {
   $("parse-progress").hidden = true;
   $("parse-page-list").replaceChildren();
   $("parse-result").hidden = true;
+  $("block-pages").replaceChildren();
+  $("block-legend").replaceChildren();
   $("parse-stop").hidden = true;
   $("parse-button").disabled = true;
   $("parse-pages").disabled = false;
@@ -631,7 +644,121 @@ function showParsed(done) {
     `${done.markdown.length.toLocaleString()} characters of markdown · ${done.chunks.length} chunk${done.chunks.length === 1 ? "" : "s"}`;
   $("markdown-rendered").replaceChildren(renderMarkdown(done.markdown));
   $("markdown-raw").textContent = done.markdown;
+  showBlocks(view.parsed.pages);
   $("parse-result").hidden = false;
+}
+
+// --- parsed blocks ------------------------------------------------------------------------
+
+const blockTypes = new Map(); // type → {color, visible, count, countEl}
+
+/** Each page's blocks in reading order, each drawn as its type says, with a legend of types. */
+function showBlocks(pages) {
+  blockTypes.clear();
+  $("block-legend").replaceChildren();
+  const sections = pages.map((page) => {
+    const section = document.createElement("section");
+    section.className = "block-page";
+    const heading = document.createElement("h3");
+    heading.textContent = `Page ${page.page + 1}`;
+    const list = document.createElement("ol");
+    list.className = "block-list";
+    const blocks = [...(page.blocks ?? [])].sort((a, b) => (a.order ?? 0) - (b.order ?? 0));
+    list.append(...blocks.map((block, k) => blockCard(page, block, k)));
+    section.append(heading, list);
+    return section;
+  });
+  $("block-pages").replaceChildren(...sections);
+}
+
+function blockCard(page, block, index) {
+  const type = String(block.type ?? "text");
+  const info = blockType(type);
+  info.count += 1;
+  info.countEl.textContent = String(info.count);
+  const card = document.createElement("li");
+  card.className = "block";
+  card.dataset.type = type;
+  card.dataset.testid = "block";
+  card.style.setProperty("--c", info.color);
+  card.hidden = !info.visible;
+  const head = document.createElement("button");
+  head.type = "button";
+  head.className = "block-head";
+  const level = type === "title" || type === "heading" ? ` · level ${headingLevel(block)}` : "";
+  const tag = document.createElement("span");
+  tag.className = "block-type";
+  tag.textContent = `${type}${level}`;
+  const where = document.createElement("span");
+  where.className = "muted";
+  where.textContent = `p. ${page.page + 1} · ${block.source ?? "none"}`;
+  head.append(tag, where);
+  const name = `${type}${level}, block ${index + 1} of page ${page.page + 1}`;
+  head.setAttribute("aria-label", `${name}: show it on the page`);
+  head.addEventListener("click", () => markBlock(page, block));
+  const body = document.createElement("div");
+  body.className = "block-body markdown";
+  body.append(renderBlock(block));
+  card.append(head, body);
+  return card;
+}
+
+function blockType(name) {
+  let info = blockTypes.get(name);
+  if (info) return info;
+  const spare = SPARE_COLORS[blockTypes.size % SPARE_COLORS.length];
+  info = { color: CLASS_COLORS[name] ?? spare, visible: true, count: 0 };
+  blockTypes.set(name, info);
+  const label = document.createElement("label");
+  label.className = "legend-item";
+  label.dataset.testid = "block-legend-item";
+  label.dataset.class = name;
+  label.style.setProperty("--c", info.color);
+  const box = document.createElement("input");
+  box.type = "checkbox";
+  box.checked = true;
+  box.addEventListener("change", () => {
+    info.visible = box.checked;
+    for (const card of document.querySelectorAll(".block")) {
+      if (card.dataset.type === name) card.hidden = !box.checked;
+    }
+  });
+  const swatch = document.createElement("span");
+  swatch.className = "swatch";
+  const text = document.createElement("span");
+  text.className = "name";
+  text.textContent = name;
+  info.countEl = document.createElement("span");
+  info.countEl.className = "count";
+  info.countEl.setAttribute("aria-label", "blocks");
+  label.append(box, swatch, text, info.countEl);
+  // The parse's types in their fixed order, then any others alphabetically.
+  const rank = (type) => {
+    const at = BLOCK_TYPES.indexOf(type);
+    return at < 0 ? `1${type}` : `0${String(at).padStart(2, "0")}`;
+  };
+  const after = [...$("block-legend").children].find((item) => rank(item.dataset.class) > rank(name));
+  $("block-legend").insertBefore(label, after ?? null);
+  return info;
+}
+
+/** Outline a block on its page, and bring the page into view. */
+function markBlock(parsed, block) {
+  for (const mark of document.querySelectorAll(".block-mark")) mark.remove();
+  const page = view.doc?.pages.get(parsed.page);
+  if (!page || !block.bbox) return;
+  const [x0, y0, x1, y1] = block.bbox;
+  const mark = document.createElement("div");
+  mark.className = "block-mark";
+  mark.style.setProperty("--c", blockType(String(block.type ?? "text")).color);
+  Object.assign(mark.style, {
+    left: pct(x0, parsed.width),
+    top: pct(y0, parsed.height),
+    width: pct(x1 - x0, parsed.width),
+    height: pct(y1 - y0, parsed.height),
+  });
+  page.overlay.append(mark);
+  mark.scrollIntoView({ block: "center", behavior: "smooth" });
 }
 
 /** "1-3, 5" → [0, 1, 2, 4]; empty → null (every page). */
@@ -654,9 +781,9 @@ function pageSelection(text, pageCount) {
 }
 
 function showMarkdownView(which) {
-  $("view-rendered").setAttribute("aria-pressed", String(which === "rendered"));
-  $("view-raw").setAttribute("aria-pressed", String(which === "raw"));
+  for (const other of VIEWS) $(`view-${other}`).setAttribute("aria-pressed", String(which === other));
   $("markdown-rendered").hidden = which !== "rendered";
+  $("blocks-view").hidden = which !== "blocks";
   $("markdown-raw").hidden = which !== "raw";
 }
 

@@ -569,3 +569,285 @@ async def test_markdown_renderer_keeps_text_as_text(start_server, browser):
     assert got["items"] == ["one", "two <i>x</i>"]
     assert got["cells"] == ["1", "<u>2</u>"]
     assert viewer.errors == []
+
+
+STRUCTURED = r"""# Report
+
+## 2 Methods
+
+### 2.1 Data
+
+- fruit
+  - apple
+  - pear
+    1. green
+    2. red
+- vegetables
+
+3. third
+4. fourth
+
+| Name | Score \| max |
+|:-----|------:|
+| a | 1 |
+| b |
+
+HTML_TABLE
+
+```
+def f(x):
+    return x < 1  # <b>not bold</b>
+
+print(f(0))
+```
+
+$$
+E = mc^2 \tag{1}
+$$""".replace(
+    "HTML_TABLE",  # on one line, as the server writes it
+    '<table><tr><td rowspan="2">Name</td><td colspan="2">Score</td></tr>'
+    "<tr><td>x</td><td>y</td></tr><tr><td>a</td><td>1</td><td>2</td></tr></table>",
+)
+
+HOSTILE_TABLE = (
+    '<table class="x" style="color:red" onclick="window.pwned=1" background="javascript:1">'
+    '<thead><tr><th onmouseover="window.pwned=2" id="h">H<img src=x onerror="window.pwned=3">'
+    '</th><th colspan="2" rowspan="javascript:1">G</th></tr></thead>'
+    '<tbody><tr><td colspan="2" data-x="1"><a href="javascript:window.pwned=4">link</a>'
+    "<script>window.pwned=5</script><style>td{}</style></td>"
+    '<td rowspan="99999999"><iframe src="javascript:window.pwned=6"></iframe>'
+    '<svg onload="window.pwned=7"></svg>z</td></tr></tbody></table>'
+)
+
+RENDER_STRUCTURE = """
+async ([markdown, hostile, blocks]) => {
+  const { renderMarkdown, renderBlock } = await import("/static/markdown.js");
+  const root = document.createElement("article");
+  root.append(renderMarkdown(markdown));
+  const evil = document.createElement("article");
+  evil.append(renderMarkdown(hostile));
+  const block = document.createElement("article");
+  block.append(renderBlock({ type: "table", text: "", html: hostile, cells: [] }));
+  document.body.append(root, evil, block);
+  await new Promise((resolve) => setTimeout(resolve, 200)); // an injected handler would run
+  const shape = (el) => ({
+    tag: el.tagName.toLowerCase(),
+    text: el.children.length ? null : el.textContent,
+    rowspan: el.getAttribute("rowspan"),
+    colspan: el.getAttribute("colspan"),
+    children: [...el.children].map(shape),
+  });
+  const lists = (el) => [...el.children].map((child) => child.tagName === "LI"
+      ? [child.firstChild.textContent, ...[...child.querySelectorAll(":scope > ul, :scope > ol")]
+          .map((sub) => ({ [sub.tagName.toLowerCase()]: lists(sub) }))]
+      : null);
+  const attributes = (el) => [...el.querySelectorAll("*")].flatMap((node) =>
+      [...node.attributes].map((a) => `${node.tagName.toLowerCase()}[${a.name}]`));
+  const tables = root.querySelectorAll("table");
+  return {
+    tags: [...root.children].map((el) => el.tagName.toLowerCase()),
+    headings: [...root.querySelectorAll("h1, h2, h3")].map((h) => [h.tagName, h.textContent]),
+    lists: [...root.children].filter((el) => /^[UO]L$/.test(el.tagName))
+      .map((el) => ({ [el.tagName.toLowerCase()]: lists(el), start: el.start ?? null })),
+    pipe: shape(tables[0]),
+    pipeAlign: [...tables[0].rows[1].cells].map((cell) => cell.style.textAlign),
+    html: shape(tables[1]),
+    code: [...root.querySelectorAll("pre.md-code > code")].map((c) => c.textContent),
+    math: root.querySelector("pre.md-math").textContent,
+    evil: shape(evil.querySelector("table")),
+    evilAttributes: attributes(evil),
+    blockAttributes: attributes(block),
+    evilText: evil.textContent,
+    blockTags: [...block.querySelectorAll("*")].map((el) => el.tagName.toLowerCase()),
+    pwned: window.pwned ?? null,
+    blocks: blocks.map((data) => {
+      const node = document.createElement("div");
+      node.append(renderBlock(data));
+      return [...node.children].map(shape);
+    }),
+  };
+}
+"""
+
+# Blocks of a parse `page` frame, as docs/protocol.md describes them, and one from an older
+# server (no structured fields).
+BLOCKS = [
+    {"type": "heading", "level": 3, "text": "2.1 Data"},
+    {
+        "type": "list",
+        "text": "First\nNested\nSecond",
+        "items": [
+            {"text": "First", "level": 0, "marker": "1."},
+            {"text": "Nested", "level": 1, "marker": "-"},
+            {"text": "Second", "level": 0, "marker": "2."},
+        ],
+    },
+    {"type": "code", "text": "if x:\n    y()"},
+    {
+        "type": "table",
+        "text": "Name | Score\nx | y\na | 1 | 2",
+        "html": "<table><tr><td>ignored: the cells come first</td></tr></table>",
+        "cells": [
+            {"row": 0, "col": 0, "row_span": 2, "col_span": 1, "text": "Name", "bbox": None},
+            {"row": 0, "col": 1, "row_span": 1, "col_span": 2, "text": "Score", "bbox": None},
+            {"row": 1, "col": 1, "row_span": 1, "col_span": 1, "text": "x", "bbox": None},
+            {"row": 1, "col": 2, "row_span": 1, "col_span": 1, "text": "y", "bbox": None},
+            {"row": 2, "col": 0, "row_span": 1, "col_span": 1, "text": "a", "bbox": None},
+            {"row": 2, "col": 1, "row_span": 1, "col_span": 1, "text": "1", "bbox": None},
+            {"row": 2, "col": 2, "row_span": 1, "col_span": 1, "text": "2", "bbox": None},
+        ],
+    },
+    {"type": "equation", "text": "E = mc^2 (1)"},
+    {"type": "table_caption", "text": "Table 1: <b>old</b>"},
+]
+
+
+def cell(
+    tag: str, text: str | None, rowspan: str | None = None, colspan: str | None = None
+) -> dict:
+    return {"tag": tag, "text": text, "rowspan": rowspan, "colspan": colspan, "children": []}
+
+
+def rows(section: str, *cells: list[dict]) -> dict:
+    trs = [
+        {"tag": "tr", "text": None, "rowspan": None, "colspan": None, "children": list(c)}
+        for c in cells
+    ]
+    return {"tag": section, "text": None, "rowspan": None, "colspan": None, "children": trs}
+
+
+def table(*sections: dict) -> dict:
+    return {
+        "tag": "table",
+        "text": None,
+        "rowspan": None,
+        "colspan": None,
+        "children": list(sections),
+    }
+
+
+async def test_markdown_renders_tables_code_lists_and_only_safe_table_markup(start_server, browser):
+    """Pipe and HTML tables, fenced code, nested lists and headings become their elements; an
+    HTML table is rebuilt from its cells' text and integer spans, and nothing else of it."""
+    server = await start_server()
+    viewer = Viewer(await browser.new_page(), "markdown-structure")
+    await viewer.open(server.url)
+    got = await viewer.page.evaluate(RENDER_STRUCTURE, [STRUCTURED, HOSTILE_TABLE, BLOCKS])
+
+    assert got["tags"] == ["h1", "h2", "h3", "ul", "ol", "div", "div", "pre", "pre"]
+    assert got["headings"] == [["H1", "Report"], ["H2", "2 Methods"], ["H3", "2.1 Data"]]
+    assert got["lists"] == [
+        {
+            "ul": [
+                ["fruit", {"ul": [["apple"], ["pear", {"ol": [["green"], ["red"]]}]]}],
+                ["vegetables"],
+            ],
+            "start": None,
+        },
+        {"ol": [["third"], ["fourth"]], "start": 3},
+    ]
+    assert got["pipe"] == table(
+        rows("thead", [cell("th", "Name"), cell("th", "Score | max")]),
+        rows("tbody", [cell("td", "a"), cell("td", "1")], [cell("td", "b"), cell("td", "")]),
+    )
+    assert got["pipeAlign"] == ["left", "right"]
+    assert got["html"] == table(
+        rows(
+            "tbody",
+            [cell("td", "Name", rowspan="2"), cell("td", "Score", colspan="2")],
+            [cell("td", "x"), cell("td", "y")],
+            [cell("td", "a"), cell("td", "1"), cell("td", "2")],
+        )
+    )
+    assert got["code"] == ["def f(x):\n    return x < 1  # <b>not bold</b>\n\nprint(f(0))"]
+    assert got["math"] == "E = mc^2 \\tag{1}"
+
+    # The hostile table: its cells' text and spans (clamped to HTML's limit), nothing else.
+    assert got["evil"] == table(
+        rows("thead", [cell("th", "H"), cell("th", "G", colspan="2")]),
+        rows("tbody", [cell("td", "link", colspan="2"), cell("td", "z", rowspan="65534")]),
+    )
+    allowed = {"div[class]", "table[class]", "td[colspan]", "td[rowspan]", "th[colspan]"}
+    assert set(got["evilAttributes"]) <= allowed, got["evilAttributes"]
+    assert set(got["blockAttributes"]) <= allowed, got["blockAttributes"]
+    assert "pwned" not in got["evilText"]
+    assert set(got["blockTags"]) == {"div", "table", "thead", "tbody", "tr", "th", "td"}
+    assert got["pwned"] is None
+
+    # A parse block's body, by its type.
+    heading, items, code, cells, equation, old = got["blocks"]
+    assert heading == [cell("h3", "2.1 Data")]
+    assert [b["tag"] for b in items] == ["ol"]
+    first, second = items[0]["children"]
+    assert [first["tag"], first["children"][0]["tag"], second["text"]] == ["li", "ul", "Second"]
+    assert first["children"][0]["children"] == [cell("li", "Nested")]
+    assert code == [{**cell("pre", None), "children": [cell("code", "if x:\n    y()")]}]
+    assert cells == [
+        {
+            **cell("div", None),
+            "children": [
+                table(
+                    rows(
+                        "thead",
+                        [cell("th", "Name", rowspan="2"), cell("th", "Score", colspan="2")],
+                        [cell("th", "x"), cell("th", "y")],
+                    ),
+                    rows("tbody", [cell("td", "a"), cell("td", "1"), cell("td", "2")]),
+                )
+            ],
+        }
+    ]
+    assert equation == [cell("pre", "E = mc^2 (1)")]
+    assert old == [cell("p", "Table 1: <b>old</b>")]
+    assert viewer.errors == []
+
+
+async def test_viewer_shows_parsed_blocks_by_type(start_server, browser, paper_pdf):
+    """The Blocks view: a card per block in reading order, coloured and counted per type in its
+    legend; a table block drawn as a table from its cells; a card's head outlines the block on
+    its page."""
+    from playwright.async_api import expect
+
+    with pymupdf.open(stream=paper_pdf, filetype="pdf") as src, pymupdf.open() as out:
+        out.insert_pdf(src, from_page=4, to_page=4)  # the paper's page 5: two tables
+        tables_page = out.tobytes()
+    server = await start_server()
+    viewer = Viewer(await browser.new_page(viewport={"width": 1440, "height": 1000}), "blocks")
+    await viewer.open(server.url)
+    await viewer.page.set_input_files(
+        "#file-input", {"name": "tables.pdf", "mimeType": "application/pdf", "buffer": tables_page}
+    )
+    await expect(viewer.get("message")).to_contain_text("1 of 1 pages analysed")
+    await viewer.get("parse-button").click()
+    await expect(viewer.get("parse-status")).to_have_attribute(
+        "data-state", "done", timeout=120_000
+    )
+    await viewer.get("view-blocks").click()
+    await expect(viewer.get("blocks-view")).to_be_visible()
+    await expect(viewer.get("markdown-rendered")).to_be_hidden()
+    await expect(viewer.get("view-blocks")).to_have_attribute("aria-pressed", "true")
+
+    cards = viewer.get("block")
+    types = await cards.evaluate_all("cards => cards.map((c) => c.dataset.type)")
+    assert len(types) > 5 and "text" in types, types
+    legend = viewer.get("block-legend-item")
+    counts = await legend.evaluate_all(
+        "items => items.map((i) => [i.dataset.class, Number(i.querySelector('.count')"
+        ".textContent)])"
+    )
+    assert dict(counts) == {t: types.count(t) for t in set(types)}
+
+    tables = viewer.page.locator('[data-testid="block"][data-type="table"]')
+    assert await tables.count() >= 1
+    rows = await tables.first.locator("table tr").count()
+    assert rows >= 3  # drawn from the block's cells, not as lines of text
+    await viewer.shot("01-blocks")
+
+    # Hiding a type hides its cards; a card's head outlines its block on the page.
+    await legend.filter(has_text="table").get_by_role("checkbox").uncheck()
+    await expect(tables.first).to_be_hidden()
+    await legend.filter(has_text="table").get_by_role("checkbox").check()
+    await cards.first.locator(".block-head").click()
+    await expect(viewer.page.locator('.page[data-page="0"] .block-mark')).to_have_count(1)
+    await viewer.shot("02-block-marked")
+    assert viewer.errors == []

@@ -36,10 +36,12 @@ from ragws.cli import (
 from ragws.client import (
     AsyncClient,
     Block,
+    Cell,
     Chunk,
     ChunkBox,
     Client,
     Document,
+    ListItem,
     ParsedPage,
     RagwsError,
 )
@@ -528,5 +530,144 @@ def test_document_json_writes_figures_as_base64():
     assert record["file"] == "fig.png"
     assert base64.b64decode(record["pages"][0]["blocks"][0]["image"]) == b"\xff\xd8jpeg"
     assert record["chunks"] == [
-        {"text": "text", "pages": [0], "bboxes": [{"page": 0, "bbox": [1.0, 2.0, 3.0, 4.0]}]}
+        {
+            "text": "text",
+            "pages": [0],
+            "bboxes": [{"page": 0, "bbox": [1.0, 2.0, 3.0, 4.0]}],
+            "headings": [],
+        }
     ]
+
+
+# A parse `page` frame and a chunk as the server sends them (docs/protocol.md): a heading, a
+# nested list, code, and a table with a merged cell; and a block from a server before them.
+NEW_PAGE_FRAME = {
+    "type": "page",
+    "id": 3,
+    "page": 1,
+    "pages": 2,
+    "page_count": 2,
+    "width": 1224,
+    "height": 1584,
+    "source": "pdf",
+    "blocks": [
+        {
+            "type": "heading",
+            "bbox": [100.0, 90.0, 600.0, 120.0],
+            "text": "2.1 Data",
+            "markdown": "### 2.1 Data",
+            "order": 0,
+            "source": "pdf",
+            "score": 0.91,
+            "level": 3,
+        },
+        {
+            "type": "list",
+            "bbox": [100.0, 130.0, 900.0, 220.0],
+            "text": "First\nNested\nSecond",
+            "markdown": "1. First\n   - Nested\n2. Second",
+            "order": 1,
+            "source": "pdf",
+            "score": 0.88,
+            "items": [
+                {"text": "First", "level": 0, "marker": "1."},
+                {"text": "Nested", "level": 1, "marker": "-"},
+                {"text": "Second", "level": 0, "marker": "2."},
+            ],
+        },
+        {
+            "type": "code",
+            "bbox": [100.0, 230.0, 900.0, 300.0],
+            "text": "def f():\n    return 1",
+            "markdown": "```\ndef f():\n    return 1\n```",
+            "order": 2,
+            "source": "pdf",
+            "score": 0.8,
+        },
+        {
+            "type": "table",
+            "bbox": [100.0, 310.0, 900.0, 500.0],
+            "text": "Name | Score\nA | 1 | 2",
+            "markdown": '<table><tr><td rowspan="2">Name</td><td colspan="2">Score</td></tr>'
+            "<tr><td>1</td><td>2</td></tr></table>",
+            "order": 3,
+            "source": "pdf",
+            "score": 0.95,
+            "html": '<table><tr><td rowspan="2">Name</td><td colspan="2">Score</td></tr>'
+            "<tr><td>1</td><td>2</td></tr></table>",
+            "cells": [
+                {
+                    "row": 0,
+                    "col": 0,
+                    "row_span": 2,
+                    "col_span": 1,
+                    "text": "Name",
+                    "bbox": [100.0, 310.0, 300.0, 400.0],
+                },
+                {"row": 0, "col": 1, "row_span": 1, "col_span": 2, "text": "Score", "bbox": None},
+                {"row": 1, "col": 1, "row_span": 1, "col_span": 1, "text": "1", "bbox": None},
+                {"row": 1, "col": 2, "row_span": 1, "col_span": 1, "text": "2", "bbox": None},
+            ],
+        },
+        # From a server before the structured fields: they stay empty.
+        {
+            "type": "figure_caption",
+            "bbox": [100.0, 510.0, 900.0, 540.0],
+            "text": "Figure 1: old",
+            "order": 4,
+            "source": "ocr",
+            "score": 0.7,
+        },
+    ],
+    "markdown": "### 2.1 Data\n\n...",
+    "timing": {"layout_ms": 10.0, "total_ms": 20.0},
+}
+
+
+def test_parse_results_carry_the_blocks_structure_and_chunk_headings():
+    page = ParsedPage.from_frame(NEW_PAGE_FRAME)
+    heading, items, code, table, old = page.blocks
+    assert (heading.type, heading.level, heading.markdown) == ("heading", 3, "### 2.1 Data")
+    assert heading.items == [] and heading.cells == [] and heading.html is None
+
+    assert items.items == [
+        ListItem("First", 0, "1."),
+        ListItem("Nested", 1, "-"),
+        ListItem("Second", 0, "2."),
+    ]
+    assert items.level is None
+    assert code.text == "def f():\n    return 1" and code.markdown.startswith("```\n")
+
+    assert table.html is not None and table.html.startswith("<table>")
+    assert table.cells[0] == Cell(0, 0, 2, 1, "Name", [100.0, 310.0, 300.0, 400.0])
+    assert table.cells[1] == Cell(0, 1, 1, 2, "Score", None)
+    assert [(c.row, c.col, c.text) for c in table.cells[2:]] == [(1, 1, "1"), (1, 2, "2")]
+
+    assert (old.type, old.text, old.markdown, old.level, old.html) == (
+        "figure_caption",
+        "Figure 1: old",
+        "",
+        None,
+        None,
+    )
+    assert old.items == [] and old.cells == []
+
+    chunk = Chunk.from_dict(
+        {
+            "text": "### 2.1 Data\n\n1. First",
+            "pages": [1],
+            "bboxes": [{"page": 1, "bbox": [100.0, 90.0, 600.0, 120.0]}],
+            "headings": ["2 Methods", "2.1 Data"],
+        }
+    )
+    assert chunk.headings == ["2 Methods", "2.1 Data"]
+    assert Chunk.from_dict({"text": "x", "pages": [0], "bboxes": []}).headings == []
+
+    # The JSON of `ragws parse` keeps them, as the server sent them.
+    doc = Document("stop", page.markdown, [chunk], [page], 2, {"total_ms": 1.0})
+    record = json.loads(document_json(Path("paper.pdf"), doc))
+    blocks = record["pages"][0]["blocks"]
+    assert blocks[3]["cells"][0] == NEW_PAGE_FRAME["blocks"][3]["cells"][0]
+    assert blocks[1]["items"] == NEW_PAGE_FRAME["blocks"][1]["items"]
+    assert blocks[0]["level"] == 3
+    assert record["chunks"][0]["headings"] == ["2 Methods", "2.1 Data"]
