@@ -9,14 +9,16 @@ next), on this machine:
    one request at a time and on a static batch of 16 (random weights; ``mid`` size on a CPU,
    ``real`` on a GPU);
 3. **parse** — ``parse_bench.py``: the parse pipeline vs. RapidOCR's pipeline plus the layout
-   model page by page (the 16-page paper, ``text: "ocr"``).
+   model page by page (the 16-page paper, ``text: "ocr"``);
+4. **parse_quality** — ``parse_quality.py``: parse output against ground truth (Overall of NID,
+   TEDS, MHS) for ragws, pymupdf4llm and opendataloader-pdf, per layout of its own corpus.
 
 Prints one table of the headline ratios and writes it to ``--out`` as ``bench.json`` (with each
 benchmark's full results) and ``bench.md`` (the table, the machine, the commands).
 
 Example::
 
-    python loadtest/bench.py                          # all three, ~12 minutes on 2 CPU cores
+    python loadtest/bench.py                          # all four, ~30 minutes on 2 CPU cores
     python loadtest/bench.py --only ocr,parse --out /tmp/bench
     python loadtest/bench.py --device cuda            # GPU: real-size GOT-OCR2
 """
@@ -36,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import cpu_name, log  # noqa: E402
 
-BENCHES = ("layout", "ocr", "parse")
+BENCHES = ("layout", "ocr", "parse", "parse_quality")
 
 
 def commands(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
@@ -50,6 +52,7 @@ def commands(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
         "layout": [*layout, "--json", str(out / "layout.json")],
         "ocr": ocr,
         "parse": [py, str(HERE / "parse_bench.py"), "--json", str(out / "parse.json")],
+        "parse_quality": [py, str(HERE / "parse_quality.py"), "--out", str(out)],
     }
 
 
@@ -89,6 +92,20 @@ def headline(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
                     "ttft_p50_ms": run["ttft_p50_ms"],
                 }
             )
+        return rows
+    if name == "parse_quality":
+        rows = []
+        for layout, engines in result["layouts"].items():
+            peer = engines.get("pymupdf4llm", {}).get("overall")
+            for engine, row in engines.items():
+                entry = {
+                    "comparison": f"parse quality: {engine}, {layout}",
+                    "value": row["overall"],
+                    "unit": "Overall",
+                }
+                if engine != "pymupdf4llm" and peer and row["overall"] is not None:
+                    entry |= {"ratio": row["overall"] / peer, "vs": "pymupdf4llm"}
+                rows.append(entry)
         return rows
     base, ours = result["baseline"], result["ragws"]
     return [
@@ -142,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         type=lambda s: [b for b in s.split(",") if b],
         default=list(BENCHES),
-        help="comma-separated subset of layout,ocr,parse",
+        help="comma-separated subset of " + ",".join(BENCHES),
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args(argv)
