@@ -141,13 +141,26 @@ def table_from_pymupdf(page, clip: Sequence[float] | None = None) -> Table | Non
             found = page.find_tables(clip=clip, strategy=strategy)
         except Exception:  # pymupdf raises on degenerate clips; no table there
             continue
-        candidates = [t for t in found.tables if t.row_count >= 2 and t.col_count >= 2]
+        # The finder may return a table whose rules only cross the clip: keep those inside.
+        candidates = [
+            t
+            for t in found.tables
+            if t.row_count >= 2
+            and t.col_count >= 2
+            and (clip is None or _inside(t.bbox, clip) >= 0.5 * _area(t.bbox))
+        ]
         if candidates:
             best = max(candidates, key=lambda t: _area(t.bbox))
             table = _convert(best, page.get_text("words", clip=best.bbox))
             if table.n_rows >= 2 and table.n_cols >= 2:
                 return table
     return None
+
+
+def _inside(box: Sequence[float], clip: Sequence[float]) -> float:
+    w = min(box[2], clip[2]) - max(box[0], clip[0])
+    h = min(box[3], clip[3]) - max(box[1], clip[1])
+    return max(0.0, w) * max(0.0, h)
 
 
 def _area(box: Sequence[float]) -> float:

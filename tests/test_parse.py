@@ -109,6 +109,13 @@ async def test_text_layer_markdown_has_title_and_sections_in_order(
     assert headings[0] == "# Ring Attention with Blockwise Transformers for Near-Infinite Context"
     positions = [markdown.index(f"## {title}\n") for title in SECTIONS]
     assert positions == sorted(positions)
+    # Subsections one level down, from their numbering and their type size.
+    for sub in ("5.1 Evaluating Max Context Size", "5.4 Impact on LLM Performance"):
+        assert f"\n### {sub}\n" in markdown
+    # Tables come out as tables: cells from pymupdf's finder inside the table regions.
+    tables = [b for b in pages[4]["blocks"] if b["type"] == "table"]
+    assert len(tables) == 2 and all(b["cells"] and b["html"].startswith("<table>") for b in tables)
+    assert "| Layer Type | Self-Attention | FeedForward | Total |" in markdown
     # "auto": the text layer wherever a region has words; OCR only where it has none.
     blocks = [(n, b) for n, frame in pages.items() for b in frame["blocks"]]
     from_pdf = [b for _, b in blocks if b["source"] == "pdf"]
@@ -222,7 +229,7 @@ async def test_http_parse_json_and_ndjson(start_server, paper_pdf):
             assert resp.status == 200, await resp.text()
             body = await resp.json()
         assert [p["page"] for p in body["pages"]] == [0, 1]
-        assert "\n# Ring Attention with Blockwise Transformers" in body["markdown"]
+        assert "\n# Ring Attention with Blockwise Transformers" in "\n" + body["markdown"]
         assert body["page_count"] == 16 and body["chunks"]
         figures = [b for p in body["pages"] for b in p["blocks"] if b["type"] == "figure"]
         assert figures and all(b["image"] for b in figures)  # base64 JPEG crops
