@@ -261,6 +261,8 @@ def _decode_fields(data: bytes) -> dict[Any, Any] | None:
                 fields[key] = _unpack(data[start : unpacker.tell()], containers)
                 items = containers.items
             except _TooNested as exc:
+                if not _keys_readable(data, start, unpacker.tell()):
+                    return None  # a map key no msgpack client reads: the frame is unreadable
                 fields[key] = Unreadable(str(exc))
             except ValueError as exc:
                 if "exceeds max_" not in str(exc):
@@ -271,6 +273,41 @@ def _decode_fields(data: bytes) -> dict[Any, Any] | None:
     except Exception:  # malformed after all
         return None
     return fields
+
+
+_MAP_BYTES = {0xDE: 3, 0xDF: 5}  # map16, map32: header length
+_ARRAY_BYTES = {0xDC: 3, 0xDD: 5}
+_STR_KEYS = frozenset(range(0xA0, 0xC0)) | {0xD9, 0xDA, 0xDB, 0xC4, 0xC5, 0xC6}
+
+
+def _keys_readable(data: bytes, start: int, end: int) -> bool:
+    """Whether every map key inside ``data[start:end]`` is a string or bytes, as a strict
+    msgpack client requires, found by walking headers without building any value."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data))
+    unpacker.feed(data[start:end])
+    pending = 1  # values still to walk
+    keys = [False]  # for each of them, from the end: whether it is a map key
+    while pending:
+        pending -= 1
+        is_key = keys.pop() if keys else False
+        tag = data[start + unpacker.tell()]
+        if 0x80 <= tag <= 0x8F or tag in _MAP_BYTES:
+            if is_key:
+                return False
+            count = unpacker.read_map_header()
+            pending += 2 * count
+            keys.extend([False, True] * count)  # popped from the end: key first
+        elif 0x90 <= tag <= 0x9F or tag in _ARRAY_BYTES:
+            if is_key:
+                return False
+            count = unpacker.read_array_header()
+            pending += count
+            keys.extend([False] * count)
+        else:
+            if is_key and tag not in _STR_KEYS:
+                return False
+            unpacker.skip()
+    return True
 
 
 def parse_request(frame: Any, limits: Limits) -> Request:

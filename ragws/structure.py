@@ -715,6 +715,8 @@ def _table_blocks(unit: _Unit, lines: list[Line], page: PageInput, make: Maker) 
     for line in lines:
         (inside if _in_table(line, table, unit.bbox) else rest).append(line)
     blocks = [make("table", text=table.text(), lines=inside, bbox=unit.bbox, table=table)]
+    # The cells' text comes from the lines the region holds, whichever fell inside a cell.
+    blocks[0].source = lines[0].source
     if rest:
         blocks.extend(_text_blocks(unit, rest, page, make, kind="text"))
     return blocks

@@ -212,7 +212,7 @@ async def test_viewer_pages_regions_ocr_stop_parse(start_server, browser, paper_
         await viewer.get("download-md").click()
     download = await download_md.value
     assert download.suggested_filename == "2310.01889v4.md"
-    assert "\n# Ring Attention with Blockwise" in Path(await download.path()).read_text()
+    assert "\n# Ring Attention with Blockwise" in "\n" + Path(await download.path()).read_text()
     async with viewer.page.expect_download() as download_json:
         await viewer.get("download-json").click()
     download = await download_json.value
