@@ -29,31 +29,33 @@ T = TypeVar("T")
 
 
 class _BatchedModel:
-    """A model's batcher and the worker pool that prepares its inputs."""
+    """A model's batcher and the worker pool that prepares its inputs. ``model`` has
+    ``prepare(image)`` (run on the pool) and ``run(prepared_batch)`` (run on the batcher)."""
 
-    what = "model"
+    what = "model"  # in error messages
+    batcher_name = "model"
 
     def __init__(
         self,
-        run: Callable[[list], Sequence],
+        model: TableStructureModel | OrientationModel,
         pool: ThreadPoolExecutor,
         *,
-        name: str,
-        max_batch_size: int,
-        max_queue_delay_s: float,
-        max_queue_size: int,
-        on_batch: Callable[[BatchStats], None] | None,
+        max_batch_size: int = 8,
+        max_queue_delay_s: float = 0.005,
+        max_queue_size: int = 1024,
+        on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
+        self.model = model
         self._pool = pool
         self._batcher: DynamicBatcher | None = None
         self._args = dict(
             max_batch_size=max_batch_size,
             max_queue_delay_s=max_queue_delay_s,
             max_queue_size=max_queue_size,
-            name=name,
+            name=self.batcher_name,
             on_batch=on_batch,
         )
-        self._run_batch = run
+        self._run_batch = model.run
 
     @property
     def healthy(self) -> bool:
@@ -88,27 +90,8 @@ class TableStructureService(_BatchedModel):
     """Image tables: SLANet-plus's cell grid, filled with the caller's words."""
 
     what = "table structure"
-
-    def __init__(
-        self,
-        model: TableStructureModel,
-        pool: ThreadPoolExecutor,
-        *,
-        max_batch_size: int = 8,
-        max_queue_delay_s: float = 0.005,
-        max_queue_size: int = 1024,
-        on_batch: Callable[[BatchStats], None] | None = None,
-    ) -> None:
-        super().__init__(
-            model.run,
-            pool,
-            name="table-structure",
-            max_batch_size=max_batch_size,
-            max_queue_delay_s=max_queue_delay_s,
-            max_queue_size=max_queue_size,
-            on_batch=on_batch,
-        )
-        self.model = model
+    batcher_name = "table-structure"
+    model: TableStructureModel
 
     async def structure(self, crop: np.ndarray) -> TableStructure:
         """The cell grid of an RGB table crop (cell boxes in the crop's pixels)."""
@@ -125,27 +108,8 @@ class OrientationService(_BatchedModel):
     """Scanned pages: how far each page's content is turned clockwise (0, 90, 180, 270)."""
 
     what = "page orientation"
-
-    def __init__(
-        self,
-        model: OrientationModel,
-        pool: ThreadPoolExecutor,
-        *,
-        max_batch_size: int = 8,
-        max_queue_delay_s: float = 0.005,
-        max_queue_size: int = 1024,
-        on_batch: Callable[[BatchStats], None] | None = None,
-    ) -> None:
-        super().__init__(
-            model.run,
-            pool,
-            name="orientation",
-            max_batch_size=max_batch_size,
-            max_queue_delay_s=max_queue_delay_s,
-            max_queue_size=max_queue_size,
-            on_batch=on_batch,
-        )
-        self.model = model
+    batcher_name = "orientation"
+    model: OrientationModel
 
     async def angle(self, rgb: np.ndarray) -> int:
         """The page's clockwise turn; ``rotate(rgb, angle)`` rights it."""

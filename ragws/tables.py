@@ -10,7 +10,7 @@ OCR or text-layer words (:func:`table_from_structure`).
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 Box = tuple[float, float, float, float]
@@ -90,21 +90,13 @@ class Table:
     def scaled(self, sx: float, sy: float | None = None) -> Table:
         """The same table with every bbox multiplied (PDF points → rendered pixels)."""
         sy = sx if sy is None else sy
-        cells = [
-            Cell(
-                c.row,
-                c.col,
-                c.row_span,
-                c.col_span,
-                c.text,
-                None if c.bbox is None else _scale(c.bbox, sx, sy),
-            )
-            for c in self.cells
-        ]
-        return Table(cells, self.n_rows, self.n_cols)
+        return self._mapped(lambda b: _scale(b, sx, sy))
 
     def shifted(self, dx: float, dy: float) -> Table:
         """The same table with every bbox moved (crop pixels → page pixels)."""
+        return self._mapped(lambda b: (b[0] + dx, b[1] + dy, b[2] + dx, b[3] + dy))
+
+    def _mapped(self, move: Callable[[Box], Box]) -> Table:
         cells = [
             Cell(
                 c.row,
@@ -112,9 +104,7 @@ class Table:
                 c.row_span,
                 c.col_span,
                 c.text,
-                None
-                if c.bbox is None
-                else (c.bbox[0] + dx, c.bbox[1] + dy, c.bbox[2] + dx, c.bbox[3] + dy),
+                None if c.bbox is None else move(c.bbox),
             )
             for c in self.cells
         ]
