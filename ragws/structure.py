@@ -149,6 +149,7 @@ class DocumentStyle:
     heading_styles: list[tuple[float, bool]] = field(default_factory=list)
     title: tuple[int, frozenset[str]] | None = None  # (page, texts of its lines)
     furniture: dict[str, str] = field(default_factory=dict)  # furniture_key → header|footer
+    heading_ratio: float = HEADING_RATIO  # size over the body's from which a line is a heading
 
     def heading_level(self, line: Line, page: int, hinted: bool = False) -> int | None:
         """The heading level of ``line`` (1 for the title), or None when it is not a heading.
@@ -164,7 +165,7 @@ class DocumentStyle:
         words = len(text.split())
         ratio = line.size / self.body_size
         style = _style_key(line)
-        if ratio >= HEADING_RATIO or (line.bold and ratio >= 0.9 and words <= 14):
+        if ratio >= self.heading_ratio or (line.bold and ratio >= 0.9 and words <= 14):
             level = self._style_level(style)
         elif hinted and ratio >= 0.95 and words <= 12 and not _SENTENCE_END.search(text):
             level = self._lowest_level()
@@ -344,12 +345,15 @@ def mark_repeated_furniture(pages: Sequence[tuple[float, Sequence[Block]]]) -> b
 
 
 def page_style(lines: Sequence[Line], page: int, height: float) -> DocumentStyle:
-    """The style of one OCR'd page, from its lines' heights alone (no fonts are known): the
-    common height is the body; clearly taller lines are headings, ranked by height."""
+    """The style of one OCR'd page, from its lines' character pitch alone (no fonts are
+    known): the common pitch is the body; clearly larger type is a heading, ranked by size."""
     style = analyze([(page, height, lines)])
     style.furniture = {}
-    # Heights of OCR boxes vary with ascenders and descenders: only clearly taller lines count.
-    style.heading_styles = [s for s in style.heading_styles if s[0] >= 1.3 * style.body_size]
+    # A pitch is measured to a few percent: only clearly larger type counts as a heading.
+    style.heading_ratio = 1.2
+    style.heading_styles = [
+        s for s in style.heading_styles if s[0] >= style.heading_ratio * style.body_size
+    ]
     return style
 
 
@@ -492,15 +496,17 @@ def build_blocks(page: PageInput) -> list[Block]:
         if made:
             starts.add(id(made[0]))
         blocks.extend(made)
-    blocks = _join_continuations(blocks, starts)
+    blocks = _join_continuations(blocks, starts, page.height)
     for n, block in enumerate(blocks):
         block.order = n
     return blocks
 
 
-def _join_continuations(blocks: list[Block], starts: set[int]) -> list[Block]:
+def _join_continuations(blocks: list[Block], starts: set[int], height: float) -> list[Block]:
     """A paragraph the layout model cut in two (a region boundary mid-sentence) made whole:
-    text that starts a region in lower case right after prose that did not end a sentence."""
+    text that starts a region in lower case right after prose that did not end a sentence.
+    A block in the page's top or bottom band is no paragraph's first half: it is a running
+    header (the page's first paragraph often continues the previous page's last)."""
     out: list[Block] = []
     for block in blocks:
         prev = out[-1] if out else None
@@ -510,6 +516,7 @@ def _join_continuations(blocks: list[Block], starts: set[int]) -> list[Block]:
             and block.type == "text"
             and prev.type in ("text", "caption", "footnote")
             and prev.text
+            and _band(Line(prev.bbox, prev.text, 1.0), height) is None
             and block.text[:1].islower()
             and not _SENTENCE_END.search(prev.text)
         ):
@@ -945,7 +952,8 @@ def _pieces(lines: list[Line], page: PageInput, *, hinted: bool, default: str) -
 def _paragraph_break(
     last: Line, line: Line, gap: float, height: float, left: float, right: float
 ) -> bool:
-    if gap > 0.5 * height or gap < -0.5 * height:
+    # OCR boxes hug the glyphs and vary from line to line: a wider gap before a new paragraph.
+    if gap > (0.7 if line.source == "ocr" else 0.5) * height or gap < -0.5 * height:
         return True
     if last.group >= 0 and line.group >= 0 and last.group != line.group and gap > 0.2 * height:
         return True

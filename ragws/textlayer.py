@@ -150,8 +150,13 @@ def _same_baseline(a: Line, b: Line) -> bool:
 
 
 def ocr_line(text: str, bbox: BBox) -> Line:
-    """A line read by OCR: its height stands for the font size."""
-    return Line(bbox=bbox, text=text, size=max(1.0, bbox[3] - bbox[1]), group=-1, source="ocr")
+    """A line read by OCR. Its character pitch (width per character) stands for the font
+    size: a detector's box height varies with ascenders, descenders and two lines merged,
+    while the pitch follows the type size. Lines too short to measure get no size, so they
+    are never taken for headings."""
+    chars = len(text.strip())
+    size = (bbox[2] - bbox[0]) / chars if chars >= 4 else 0.0
+    return Line(bbox=bbox, text=text, size=size, group=-1, source="ocr")
 
 
 def words(lines: Iterable[Line]) -> list[str]:

@@ -352,7 +352,7 @@ def test_bullets_drawn_as_shapes_make_list_items():
     ]
 
 
-def test_ocr_lines_use_their_heights():
+def test_ocr_lines_use_their_character_pitch():
     lines = [ocr_line("Big Heading", (50, 40, 400, 90))]
     lines += [
         ocr_line(f"body line {n} of the scan", (50, 110 + 30 * n, 500, 132 + 30 * n))
@@ -424,3 +424,20 @@ def test_a_bold_paragraph_is_not_a_heading():
     blocks = build_blocks(PageInput(0, 612, 792, [], lines, style))
     assert [b.type for b in blocks] == ["text", "text", "heading"]
     assert blocks[1].text.startswith("Bold words in a long note 0")
+
+
+def test_a_running_header_never_starts_a_paragraph():
+    header = Line((300, 20, 500, 34), "Field Bulletin", 10)
+    body = [
+        Line((72, 120 + 14 * n, 540, 132 + 14 * n), f"continued text {n} from before", 10)
+        for n in range(3)
+    ]
+    lines = [header, *body]
+    regions = [Region("text", (290, 15, 510, 40)), Region("text", (60, 110, 550, 170))]
+    blocks = build_blocks(PageInput(0, 612, 792, regions, lines, DocumentStyle(body_size=10)))
+    assert [b.text.split()[0] for b in blocks] == ["Field", "continued"]
+    # Away from the bands, a region cut mid-sentence is joined again.
+    moved = [Line((300, 90, 500, 104), "Field Bulletin", 10), *body]
+    regions[0] = Region("text", (290, 85, 510, 106))
+    joined = build_blocks(PageInput(0, 612, 792, regions, moved, DocumentStyle(body_size=10)))
+    assert len(joined) == 1 and joined[0].text.startswith("Field Bulletin continued text 0")
