@@ -113,10 +113,6 @@ def furniture_key(text: str) -> str:
     return " ".join(re.sub(r"\d+", "#", text.lower()).split())
 
 
-def is_page_number(text: str) -> bool:
-    return bool(_PAGE_NUMBER.match(furniture_key(text)))
-
-
 def dehyphenate(text: str) -> str:
     """Join words broken across lines by a hyphen: "cap-" + "ture" → "capture", but "end-" +
     "to-end" → "end-to-end" (a continuation with a hyphen of its own is a compound)."""

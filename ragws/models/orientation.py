@@ -20,7 +20,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
+
+from .base import cpu_session
 
 __all__ = ["ANGLES", "OrientationModel", "embedded_orientation_path", "rotate"]
 
@@ -65,12 +66,7 @@ class OrientationModel:
         path = Path(path or embedded_orientation_path())
         self.name = "pulc-text-orientation"
         self.description = f"text orientation ({path.name})"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._session = cpu_session(path, threads)
         self._input = self._session.get_inputs()[0].name
         meta = self._session.get_modelmeta().custom_metadata_map
         labels = meta.get("character", "0\n90\n180\n270").splitlines()

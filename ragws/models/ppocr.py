@@ -34,7 +34,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 # rapidocr's processing steps (its package import also loads its own engines; that is paid once).
 from rapidocr.ch_ppocr_cls.utils import ClsPostProcess
@@ -47,6 +46,8 @@ from rapidocr.utils.process_img import (
     map_boxes_to_original,
     resize_image_within_bounds,
 )
+
+from .base import cpu_session
 
 __all__ = [
     "REC_HEIGHT",
@@ -126,19 +127,6 @@ DET_CALL_PIXELS = 1024 * 1024
 REC_CALL_WIDTH = 4096
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # rapidocr turns the memory arena off; with inputs of varying width it is ~10% slower.
-    options.enable_cpu_mem_arena = True
-    # Idle workers sleep instead of spinning, so the models, PDF rendering and preprocessing
-    # threads share the cores instead of fighting for them (as for the layout model).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 class PpOcrModels:
     """The three PP-OCR models and their processing; see the module docstring.
 
@@ -161,9 +149,9 @@ class PpOcrModels:
         det_path, rec_path, cls_path = paths or embedded_ocr_paths()
         self.name = "embedded"
         self.description = f"PP-OCRv6 ({Path(det_path).name}, {Path(rec_path).name})"
-        self._det = _session(Path(det_path), threads)
-        self._rec = _session(Path(rec_path), threads)
-        self._cls = _session(Path(cls_path), threads)
+        self._det = cpu_session(Path(det_path), threads)
+        self._rec = cpu_session(Path(rec_path), threads)
+        self._cls = cpu_session(Path(cls_path), threads)
         limit = (det_max_side, "max") if det_max_side else (736, "min")
         self._det_pre = DetPreProcess(*limit, [0.5] * 3, [0.5] * 3)
         self._db = DBPostProcess(

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 # rapid-table's processing (its package import is light: cv2 and numpy).
 from rapid_table.table_structure.utils import TableLabelDecode, TablePreprocess
+
+from .base import cpu_session
 
 __all__ = ["INPUT_SIDE", "StructureCell", "TableStructure", "TableStructureModel"]
 
@@ -75,14 +76,8 @@ class TableStructureModel:
         path = Path(path or embedded_table_path())
         self.name = "slanet-plus"
         self.description = f"SLANet-plus ({path.name})"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The graph's shape metadata draws a harmless "Error merging shape info" warning.
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._session = cpu_session(path, threads, quiet=True)
         self._input = self._session.get_inputs()[0].name
         meta = self._session.get_modelmeta().custom_metadata_map
         if "character" not in meta:
