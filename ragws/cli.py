@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .config import ConfigError, env_name, flag_name, load_settings, setting_fields
 from .logs import configure_logging
+from .mupdf_setup import keep_layout_analyzer_out
 
 if TYPE_CHECKING:  # imported late at run time: keeps --help fast
     from tqdm import tqdm
@@ -194,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             parser.exit(2, f"ragws: invalid setting: {exc}\n")
         configure_logging(settings.log_level, settings.log_format)
+        keep_layout_analyzer_out()
         from .server import serve_forever  # imported late: keeps --help fast
 
         try:

@@ -10,8 +10,12 @@ OCR or text-layer words (:func:`table_from_structure`).
 from __future__ import annotations
 
 import html
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import pymupdf
+import pymupdf.table
 
 Box = tuple[float, float, float, float]
 #: A word or line with its box: (x0, y0, x1, y1, text).
@@ -121,6 +125,16 @@ def _md_cell(text: str) -> str:
 
 # --- born-digital: pymupdf's table finder ----------------------------------------------------
 
+# pymupdf ≥ 2 gates ``find_tables`` by the page layout of the separate ``pymupdf-layout``
+# package whenever that package is installed (a non-commercial licence, and ~0.4 s of ONNX
+# per call on a CPU): the table regions here come from ragws's own layout model, so the
+# finder is asked to look where it is told, whatever else the environment holds.
+_FINDER_OPTIONS = (
+    {"use_layout": False}
+    if "use_layout" in inspect.signature(pymupdf.table.find_tables).parameters
+    else {}
+)
+
 
 def table_from_pymupdf(page, clip: Sequence[float] | None = None) -> Table | None:
     """The largest table pymupdf finds inside ``clip`` (PDF points), ruled lines first, then
@@ -128,7 +142,7 @@ def table_from_pymupdf(page, clip: Sequence[float] | None = None) -> Table | Non
     Cell bboxes are in PDF points."""
     for strategy in ("lines", "text"):
         try:
-            found = page.find_tables(clip=clip, strategy=strategy)
+            found = page.find_tables(clip=clip, strategy=strategy, **_FINDER_OPTIONS)
         except Exception:  # pymupdf raises on degenerate clips; no table there
             continue
         # The finder may return a table whose rules only cross the clip: keep those inside.
@@ -142,6 +156,10 @@ def table_from_pymupdf(page, clip: Sequence[float] | None = None) -> Table | Non
         if candidates:
             best = max(candidates, key=lambda t: _area(t.bbox))
             table = _convert(best, page.get_text("words", clip=best.bbox))
+            if strategy == "text":
+                # Rows found from text alignment alone come with empty rows between lines
+                # of text (the gaps between baselines); there they are artefacts.
+                table = _without_empty_rows(table)
             if table.n_rows >= 2 and table.n_cols >= 2:
                 return table
     return None
@@ -196,6 +214,25 @@ def _convert(found, words: Sequence[tuple]) -> Table:
     for cell, mine in zip(cells, owned, strict=True):
         cell.text = _reading_order(mine)
     return Table(cells, n_rows, n_cols)
+
+
+def _without_empty_rows(table: Table) -> Table:
+    """The table without rows whose cells are all empty and that no spanning cell crosses."""
+    keep: list[int] = []
+    for i in range(table.n_rows):
+        touching = [c for c in table.cells if c.row <= i < c.row + c.row_span]
+        spanned = any(c.row_span > 1 for c in touching)
+        if spanned or any(c.text.strip() for c in touching):
+            keep.append(i)
+    if len(keep) == table.n_rows:
+        return table
+    new_row = {old: new for new, old in enumerate(keep)}
+    cells = [
+        Cell(new_row[c.row], c.col, c.row_span, c.col_span, c.text, c.bbox)
+        for c in table.cells
+        if c.row in new_row
+    ]
+    return Table(cells, len(keep), table.n_cols)
 
 
 def _covers(lo: float, hi: float, extent: tuple[float, float] | None) -> bool:

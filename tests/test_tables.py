@@ -4,6 +4,8 @@ the structure service batching crops of concurrent requests. Real models, no moc
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -203,3 +205,37 @@ async def test_service_batches_concurrent_requests(slanet):
             await service.stop()
     assert [s.size for s in batches] == [2]
     assert cells_of(ta) == grid_cells(FRUIT) and cells_of(tb) == grid_cells(CITIES)
+
+
+def test_server_processes_never_load_the_pymupdf_layout_analyzer():
+    """``ragws serve`` refuses pymupdf-layout (non-commercial) even where it is installed, and
+    the table finder runs without it: a table is found inside the clip it is given."""
+    script = (
+        "from ragws.mupdf_setup import keep_layout_analyzer_out\n"
+        "keep_layout_analyzer_out()\n"
+        "import pymupdf\n"
+        "assert pymupdf._get_layout is None\n"
+        "try:\n"
+        "    import pymupdf.layout\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('pymupdf.layout was imported')\n"
+        "doc = pymupdf.open()\n"
+        "page = doc.new_page()\n"
+        "for i in range(4):\n"
+        "    page.draw_line((50, 50 + 20 * i), (250, 50 + 20 * i))\n"
+        "for x in (50, 150, 250):\n"
+        "    page.draw_line((x, 50), (x, 110))\n"
+        "for r in range(3):\n"
+        "    for c in range(2):\n"
+        "        page.insert_text((55 + 100 * c, 65 + 20 * r), f'r{r}c{c}')\n"
+        "from ragws.tables import table_from_pymupdf\n"
+        "t = table_from_pymupdf(page, (40, 40, 260, 120))\n"
+        "print(t.n_rows, t.n_cols, t.cells[0].text)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["3", "2", "r0c0"]
