@@ -174,3 +174,34 @@ async def test_http_ocr_sse_carries_line_boxes(start_server, table_png):
     ]
     assert "".join(e["token"] for e in events) == result
     assert all(len(e["box"]) == 4 and e["score"] >= 0.5 for e in events)
+
+
+SPACED = "Partial extended narrow coastal patient calibrated adjusted, rejected"
+
+
+def _spaced_line(turn: bool) -> np.ndarray:
+    """One justified line with wide word gaps, as the last full line before a paragraph's
+    end often is, rendered at 150 dpi (optionally upside down)."""
+    import pymupdf
+
+    page = pymupdf.open().new_page(width=520, height=40)
+    words = SPACED.split(" ")
+    x = 10.0
+    for word in words:
+        page.insert_text((x, 26), word, fontsize=11, fontname="tiro")
+        x += pymupdf.get_text_length(word, fontname="tiro", fontsize=11) + 14.0
+    pix = page.get_pixmap(dpi=150)
+    rgb = np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.width, 3)
+    return np.ascontiguousarray(rgb[::-1, ::-1] if turn else rgb)
+
+
+@pytest.mark.parametrize("turn", [False, True], ids=["upright", "upside-down"])
+def test_a_line_is_read_the_way_round_it_reads_best(embedded_ocr: PpOcrModels, turn):
+    """The line-orientation classifier alone calls wide-spaced upright lines upside down; the
+    more confident of both readings wins, so upright and turned lines both read right."""
+    _, prepared = lines_of(embedded_ocr, _spaced_line(turn))
+    texts = [text for text, _ in embedded_ocr.recognize(prepared)]
+    # Upside down, the detector finds the words one by one, in its own order: compare words.
+    read = sorted(" ".join(texts).split())
+    expected = sorted(SPACED.split(" "))
+    assert Levenshtein.normalized_distance(read, expected) <= 0.15, texts

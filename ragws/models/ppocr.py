@@ -240,25 +240,36 @@ class PpOcrModels:
     def recognize(self, lines: Sequence[LineInput]) -> list[tuple[str, float]]:
         """(text, mean character probability) for each line: orientation, then recognition.
 
-        Lines the classifier finds upside down (label "180" above 0.9, as rapidocr) are turned
-        before recognition. Lines of one width bucket share calls of at most
-        :data:`REC_CALL_WIDTH` px in all.
+        Lines the classifier finds upside down (label "180" above 0.9, as rapidocr) are read
+        both ways and the more confident reading is kept: the classifier sees a line squeezed
+        to 192 px, and a justified line with wide word gaps often looks upside down to it (on
+        scanned pages, one such line in eight came back as noise when turned on its word).
+        Lines of one width bucket share calls of at most :data:`REC_CALL_WIDTH` px in all.
         """
         if not lines:
             return []
         cls_batch = np.stack([line.cls_tensor for line in lines])
         (probs,) = self._cls.run(None, {self._cls.get_inputs()[0].name: cls_batch})
-        tensors = []
-        for line, (label, score) in zip(lines, self._cls_post(probs), strict=True):
-            tensor = line.rec_tensor
+        tensors = [line.rec_tensor for line in lines]
+        turned: dict[int, int] = {}  # line → index of its turned copy in ``tensors``
+        for i, (line, (label, score)) in enumerate(zip(lines, self._cls_post(probs), strict=True)):
             if label == "180" and score > CLS_THRESH:
-                tensor = tensor.copy()
+                tensor = line.rec_tensor.copy()
                 tensor[:, :, : line.rec_width] = line.rec_tensor[:, ::-1, line.rec_width - 1 :: -1]
-            tensors.append(tensor)
+                turned[i] = len(tensors)
+                tensors.append(tensor)
+        read = self._read_all(tensors)
+        results = read[: len(lines)]
+        for i, j in turned.items():
+            if read[j][1] > results[i][1]:
+                results[i] = read[j]
+        return results
+
+    def _read_all(self, tensors: Sequence[np.ndarray]) -> list[tuple[str, float]]:
         buckets: dict[int, list[int]] = defaultdict(list)
         for i, tensor in enumerate(tensors):
             buckets[tensor.shape[-1]].append(i)
-        results: list[tuple[str, float]] = [("", 0.0)] * len(lines)
+        results: list[tuple[str, float]] = [("", 0.0)] * len(tensors)
         for width, bucket in buckets.items():
             # A call's output is (lines × width/8 × 18k classes) float32: 22 MB for one line
             # 2400 px wide. Calls of at most REC_CALL_WIDTH px in all keep the runtime's memory
