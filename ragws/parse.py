@@ -56,6 +56,7 @@ from .structure import (
     page_style,
     region_kind,
     resolve_regions,
+    retype_tabular_regions,
     ruled_tables,
 )
 from .textlayer import BBox, Line, Shapes, ocr_line
@@ -244,6 +245,7 @@ class ParseService:
         if scan:
             lines, texts = await self._ocr_page(rgb, regions)
             style = page_style(lines, page, height) if lines else DocumentStyle()
+            retype_tabular_regions(regions, lines)
         elif lines and request.text == "auto" and self.ocr is not None:
             texts = await self._ocr_regions_without_text(rgb, regions, lines)
         tables = await self._tables(rgb, regions, lines, plan, page, request.scale)

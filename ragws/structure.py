@@ -70,6 +70,8 @@ _REGION_ALIASES: dict[str, str] = {
 FURNITURE_BAND = 0.09
 #: A heading is set at least this much larger than the body text (or bold at body size).
 HEADING_RATIO = 1.12
+#: OCR pitches this close (as a fraction) are taken for one type size.
+OCR_SIZE_TOLERANCE = 0.15
 _MAX_HEADING_WORDS = 20
 
 _NUMBERED_HEADING = re.compile(
@@ -95,6 +97,8 @@ _PAGE_NUMBER = re.compile(
 )
 #: A lone monospaced line is code only with something code-like in it (not an e-mail address).
 _CODE_CHARS = re.compile(r"[(){}\[\]=;<>$#|]|^\s{2,}|^\s*(?:def|class|import|return|if|for)\b")
+#: Characters of formulas that tables of words and numbers seldom hold.
+_MATH_CHARS = frozenset("=+∑∫√±≤≥^\\∂∞≈×÷")
 _SENTENCE_END = re.compile(r"[.!?:;][\"')\]]?$")
 _BROKEN_WORD = re.compile(r"([^\W\d_])-\n([a-z]\S*)")
 
@@ -146,6 +150,9 @@ class DocumentStyle:
     title: tuple[int, frozenset[str]] | None = None  # (page, texts of its lines)
     furniture: dict[str, str] = field(default_factory=dict)  # furniture_key → header|footer
     heading_ratio: float = HEADING_RATIO  # size over the body's from which a line is a heading
+    # Sizes within this fraction of each other are one style: 0 for a text layer's exact
+    # sizes, more for OCR pitches, which are measured to a few percent.
+    size_tolerance: float = 0.0
 
     def heading_level(self, line: Line, page: int, hinted: bool = False) -> int | None:
         """The heading level of ``line`` (1 for the title), or None when it is not a heading.
@@ -172,7 +179,7 @@ class DocumentStyle:
 
     def _style_level(self, style: tuple[float, bool]) -> int:
         for n, known in enumerate(self.heading_styles):
-            if known == style:
+            if known[1] == style[1] and abs(known[0] - style[0]) <= self.size_tolerance * known[0]:
                 return min(6, 2 + n)
         # Not seen in the pre-pass (an OCR'd page): place it among the known sizes.
         larger = sum(1 for s in self.heading_styles if (s[0], s[1]) > style)
@@ -240,7 +247,9 @@ def _band(line: Line, page_height: float) -> str | None:
     return None
 
 
-def analyze(pages: Sequence[tuple[int, float, Sequence[Line]]]) -> DocumentStyle:
+def analyze(
+    pages: Sequence[tuple[int, float, Sequence[Line]]], title_tolerance: float = 0.05
+) -> DocumentStyle:
     """The style of a document from its pages' lines: ``(page number, page height, lines)``,
     lines in any one unit (points for the text layer).
 
@@ -248,7 +257,7 @@ def analyze(pages: Sequence[tuple[int, float, Sequence[Line]]]) -> DocumentStyle
     * furniture: keys of lines in a page's top or bottom band that recur on at least two
       pages (three when the document has more than six);
     * title: the largest text in the top half of page 0, when it is clearly larger than the
-      body (consecutive lines of that size);
+      body (consecutive lines of that size, within ``title_tolerance`` of it);
     * heading styles: sizes clearly above the body's, and bold text at body size, set in
       short lines; the more prominent first.
     """
@@ -262,7 +271,7 @@ def analyze(pages: Sequence[tuple[int, float, Sequence[Line]]]) -> DocumentStyle
                 seen.setdefault((band, furniture_key(line.text)), set()).add(page)
     needed = 2 if len(pages) <= 6 else 3
     style.furniture = {key: band for (band, key), on in seen.items() if len(on) >= needed}
-    style.title = _find_title(pages, style)
+    style.title = _find_title(pages, style, title_tolerance)
     styles: set[tuple[float, bool]] = set()
     for page, height, lines in pages:
         for line in lines:
@@ -281,7 +290,7 @@ def analyze(pages: Sequence[tuple[int, float, Sequence[Line]]]) -> DocumentStyle
 
 
 def _find_title(
-    pages: Sequence[tuple[int, float, Sequence[Line]]], style: DocumentStyle
+    pages: Sequence[tuple[int, float, Sequence[Line]]], style: DocumentStyle, tolerance: float
 ) -> tuple[int, frozenset[str]] | None:
     first = next((p for p in pages if p[0] == 0), None)
     if first is None or style.body_size <= 0:
@@ -300,7 +309,7 @@ def _find_title(
     largest = max(line.size for line in top)
     if largest < 1.25 * style.body_size:
         return None
-    chosen = [line for line in top if abs(line.size - largest) <= 0.05 * largest]
+    chosen = [line for line in top if abs(line.size - largest) <= tolerance * largest]
     # The title is one run: the first line of the largest size and those right under it.
     chosen.sort(key=lambda line: line.bbox[1])
     run = [chosen[0]]
@@ -343,14 +352,32 @@ def mark_repeated_furniture(pages: Sequence[tuple[float, Sequence[Block]]]) -> b
 def page_style(lines: Sequence[Line], page: int, height: float) -> DocumentStyle:
     """The style of one OCR'd page, from its lines' character pitch alone (no fonts are
     known): the common pitch is the body; clearly larger type is a heading, ranked by size."""
-    style = analyze([(page, height, lines)])
+    # A title's lines are one size, but the pitch of a short line ("Programme") strays most.
+    style = analyze([(page, height, lines)], title_tolerance=2 * OCR_SIZE_TOLERANCE)
     style.furniture = {}
-    # A pitch is measured to a few percent: only clearly larger type counts as a heading.
+    # A pitch is measured to a few percent: only clearly larger type counts as a heading, and
+    # pitches close to each other are one size (a short word's pitch strays the most).
     style.heading_ratio = 1.2
+    style.size_tolerance = OCR_SIZE_TOLERANCE
+    sizes = sorted(
+        (s[0] for s in style.heading_styles if s[0] >= style.heading_ratio * style.body_size),
+        reverse=True,
+    )
+    clusters: list[float] = []
+    for size in sizes:
+        if not clusters or size < (1 - OCR_SIZE_TOLERANCE) * clusters[-1]:
+            clusters.append(size)
+    # Each cluster is named by its middle, so that a size within the tolerance of any member
+    # finds it.
     style.heading_styles = [
-        s for s in style.heading_styles if s[0] >= style.heading_ratio * style.body_size
+        (_middle([s for s in sizes if top >= s >= (1 - OCR_SIZE_TOLERANCE) * top]), False)
+        for top in clusters
     ]
     return style
+
+
+def _middle(sizes: list[float]) -> float:
+    return (max(sizes) + min(sizes)) / 2
 
 
 # --- one page --------------------------------------------------------------------------------
@@ -458,6 +485,44 @@ def ruled_tables(regions: Sequence[Region], grids: Sequence[BBox]) -> list[Regio
         if not inside and area(grid) > 0:
             found.append(Region("table", grid, 1.0))
     return found
+
+
+def retype_tabular_regions(regions: list[Region], lines: Sequence[Line]) -> None:
+    """Equation and text regions of an OCR'd page whose lines form a grid become tables, in
+    place. The layout model boxes a scanned table well but often calls it an equation; OCR
+    then finds one box per cell, in rows that share their column edges, and a formula has no
+    such grid."""
+    owners = assign_lines(lines, regions)
+    for i, region in enumerate(regions):
+        if region.kind in ("equation", "text"):
+            mine = [ln for ln, owner in zip(lines, owners, strict=True) if owner == i]
+            if mine and all(ln.source == "ocr" for ln in mine) and _grid_like(mine):
+                region.kind = "table"
+
+
+def _grid_like(lines: Sequence[Line]) -> bool:
+    if len(lines) < 6 or any(ch in ln.text for ln in lines for ch in _MATH_CHARS):
+        return False
+    rows: list[list[Line]] = []
+    for line in sorted(lines, key=lambda ln: (ln.bbox[1] + ln.bbox[3]) / 2):
+        cy = (line.bbox[1] + line.bbox[3]) / 2
+        if rows and cy <= max(ln.bbox[3] for ln in rows[-1]):
+            rows[-1].append(line)
+        else:
+            rows.append([line])
+    multi = [row for row in rows if len(row) >= 2]
+    if len(multi) < 3 or len(multi) < 0.6 * len(rows):
+        return False
+    # Columns: left edges that recur, within half a line height, in at least half the rows.
+    height = sorted(ln.height for ln in lines)[len(lines) // 2]
+    edges = sorted(ln.bbox[0] for row in multi for ln in row)
+    columns: list[list[float]] = []
+    for x in edges:
+        if columns and x - columns[-1][-1] <= 0.5 * height:
+            columns[-1].append(x)
+        else:
+            columns.append([x])
+    return sum(1 for col in columns if len(col) >= 0.5 * len(multi)) >= 2
 
 
 def assign_lines(lines: Sequence[Line], regions: Sequence[Region]) -> list[int | None]:
@@ -903,7 +968,9 @@ def _pieces(lines: list[Line], page: PageInput, *, hinted: bool, default: str) -
         prev = pieces[-1] if pieces else None
         last = prev.lines[-1] if prev else None
         gap = line.bbox[1] - last.bbox[3] if last is not None else 0.0
-        if level is not None and not (marker and level > 1 and not line.bold):
+        # "3. Outlook" is a heading when set bold or large, else a numbered list item.
+        plain = not line.bold and line.size < page.style.heading_ratio * page.style.body_size
+        if level is not None and not (marker and level > 1 and plain):
             if prev and prev.kind == "heading" and prev.level == level and gap < 0.8 * height:
                 prev.lines.append(line)
             else:

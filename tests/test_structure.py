@@ -26,6 +26,7 @@ from ragws.structure import (
     dehyphenate,
     numbering_level,
     page_style,
+    retype_tabular_regions,
 )
 from ragws.textlayer import TEXT_FLAGS, Line, ocr_line, page_shapes, pdf_lines
 
@@ -365,6 +366,51 @@ def test_ocr_lines_use_their_character_pitch():
     # With no style at all (nothing known), every line still lands in a block.
     plain = build_blocks(PageInput(0, 1000, 1400, [], lines, DocumentStyle(), source="ocr"))
     assert " ".join(b.text for b in plain).split() == " ".join(ln.text for ln in lines).split()
+
+
+def _ocr_body(top: float, n: int) -> list[Line]:
+    text = "the body of the scanned report runs on in lines of the same length and type"
+    return [
+        ocr_line(text, (50, top + 30 * k, 50 + 7.0 * len(text), top + 22 + 30 * k))
+        for k in range(n)
+    ]
+
+
+def test_ocr_headings_title_lines_and_numbered_sections():
+    """On a scan (character pitch, no fonts): a title wrapped over two lines whose pitches
+    differ stays one title; "1. Description" set large is a heading, not a list item;
+    headings whose pitches differ by a few percent share a level; a numbered line at body
+    size stays a list item."""
+    lines = [
+        ocr_line("Outcomes of the Community Screening", (50, 40, 50 + 35 * 21.0, 90)),
+        ocr_line("Programme", (50, 96, 50 + 9 * 25.0, 146)),
+        *_ocr_body(170, 4),
+        ocr_line("1. Description", (50, 300, 50 + 14 * 10.0, 326)),
+        *_ocr_body(340, 4),
+        ocr_line("Site survey", (50, 470, 50 + 11 * 10.6, 496)),
+        *_ocr_body(510, 3),
+        ocr_line("1. check the stations once a week", (50, 620, 50 + 33 * 7.0, 642)),
+        ocr_line("2. report the readings monthly", (50, 650, 50 + 30 * 7.0, 672)),
+    ]
+    style = page_style(lines, 0, 1400)
+    blocks = build_blocks(PageInput(0, 1000, 1400, [], lines, style, source="ocr"))
+    got = [(b.type, b.level, b.text.split()[0]) for b in blocks]
+    assert got[0] == ("title", 1, "Outcomes") and "Programme" in blocks[0].text
+    assert ("heading", 2, "1.") in got and ("heading", 2, "Site") in got
+    assert got[-1][0] == "list" and len(blocks[-1].items) == 2
+
+
+def test_a_scanned_table_the_layout_model_calls_an_equation_is_a_table():
+    cells = [["Group", "Case", "Score"], ["Rapid", "wave", "68.2"], ["Slow", "tide", "4.2"]]
+    lines = [
+        ocr_line(text, (100 + 120 * c, 200 + 30 * r, 160 + 120 * c, 222 + 30 * r))
+        for r, row in enumerate(cells)
+        for c, text in enumerate(row)
+    ]
+    formula = [ocr_line("E = m c2", (100, 500, 300, 530)), ocr_line("(1)", (700, 500, 740, 530))]
+    regions = [Region("equation", (90, 190, 460, 300)), Region("equation", (90, 490, 760, 540))]
+    retype_tabular_regions(regions, lines + formula)
+    assert [r.kind for r in regions] == ["table", "equation"]
 
 
 def test_chunks_and_markdown_of_a_built_document():
