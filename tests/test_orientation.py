@@ -67,3 +67,37 @@ async def test_service_batches_concurrent_pages(model, page_rgb):
             await service.stop()
     assert angles == [90, 270]
     assert [s.size for s in batches] == [2]
+
+
+@pytest.mark.parametrize("angle", [90, 180])
+async def test_a_turned_scan_parses_upright_through_the_server(start_server, connect, angle):
+    """A scanned PDF (an image, no text layer) whose page was fed in turned: the server rights
+    it before layout and OCR, so the page's sentences come out readable and in order."""
+    from .test_parse import parse_ws
+
+    page = pymupdf.open().new_page()
+    page.insert_text((72, 90), "Orientation Report", fontsize=22)
+    body = (
+        "The scanner turned this page on its side. Every line must still be read in its own "
+        "order, and the heading must come before the paragraph that follows it. "
+    ) * 3
+    page.insert_textbox(pymupdf.Rect(72, 120, 540, 400), body, fontsize=12)
+    pix = page.get_pixmap(dpi=150)
+    rgb = np.frombuffer(pix.samples, np.uint8).reshape(pix.h, pix.w, pix.n)[:, :, :3]
+    turned = turned_clockwise(np.ascontiguousarray(rgb), angle)
+    scan = pymupdf.open()
+    height, width = turned.shape[:2]
+    scan_page = scan.new_page(width=width * 72 / 150, height=height * 72 / 150)
+    scan_page.insert_image(
+        scan_page.rect,
+        pixmap=pymupdf.Pixmap(pymupdf.csRGB, width, height, turned.tobytes(), False),
+    )
+    server = await start_server()
+    client, _ = await connect(server)
+    _, done, _ = await parse_ws(client, "turned", pdf=scan.tobytes(), text="auto")
+    assert done["type"] == "done", done
+    words = done["markdown"].split()
+    assert "Orientation" in words and "Report" in words, done["markdown"]
+    first = words.index("scanner")
+    assert words[first : first + 4] == ["scanner", "turned", "this", "page"], done["markdown"]
+    assert words.index("Orientation") < first

@@ -239,3 +239,18 @@ def test_server_processes_never_load_the_pymupdf_layout_analyzer():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3", "2", "r0c0"]
+
+
+def test_booktabs_table_keeps_its_rows():
+    """Rules above, under the header and below, none between rows or columns (LaTeX's
+    booktabs): the rows are found from the text, one table row per text row."""
+    page = pymupdf.open().new_page()
+    for i, row in enumerate(FRUIT):
+        for j, text in enumerate(row):
+            page.insert_text((72 + 100 * j, 100 + 18 * i), text, fontsize=10)
+    page.draw_line((68, 86), (330, 86), width=1.2)
+    page.draw_line((68, 105), (330, 105), width=0.6)
+    page.draw_line((68, 160), (330, 160), width=1.2)
+    table = table_from_pymupdf(page, (60, 80, 340, 170))
+    assert table is not None
+    assert cells_of(table) == grid_cells(FRUIT)
