@@ -185,6 +185,16 @@ class _Geometry:
             cutters = self._cutters(idx, columns)
             if cutters:
                 return self._order_bands(idx, cutters)
+            cut = self._new_row_of_columns(idx, columns)
+            if cut is not None:
+                y, between = cut
+                above = [i for i in idx if self.boxes[i][3] <= y + self.y_tol]
+                taken = set(above)
+                return (
+                    self.order([i for i in above if i not in between])
+                    + self.order(between)
+                    + self.order([i for i in idx if i not in taken])
+                )
             return self._order_columns(columns)
         spanning = [i for i in idx if self._spans(i, idx)]
         if not spanning:
@@ -224,6 +234,45 @@ class _Geometry:
             if above and below:
                 found.append(i)
         return found
+
+    def _new_row_of_columns(
+        self, idx: list[int], columns: list[list[int]]
+    ) -> tuple[float, list[int]] | None:
+        """The height at which the columns start again below a block set between them (a
+        table that spans the columns but is no wider than one): every column that goes on
+        below starts within a line of it, nothing crosses it, one column above it runs up to
+        it (the block set between) and another ended well before it (columns flowing on
+        would not leave one empty for that long). Returns the height and the blocks set
+        between: those above it and below where every other column ended, read after the
+        columns above them."""
+        column_of = {i: c for c, col in enumerate(columns) for i in col}
+        near = 0.02 * self.page_height
+        for y in sorted({self.boxes[i][1] for i in idx}):
+            if any(
+                self.boxes[i][1] < y - self.y_tol < y + self.y_tol < self.boxes[i][3] for i in idx
+            ):
+                continue
+            above = [i for i in idx if self.boxes[i][3] <= y + self.y_tol]
+            below = [i for i in idx if self.boxes[i][1] >= y - self.y_tol]
+            shared = {column_of[i] for i in above} & {column_of[i] for i in below}
+            if len(shared) < 2:
+                continue
+            start = {c: min(self.boxes[i][1] for i in below if column_of[i] == c) for c in shared}
+            end = {c: max(self.boxes[i][3] for i in above if column_of[i] == c) for c in shared}
+            last = max(shared, key=lambda c: (end[c], -c))  # the column running up to the cut
+            others = max(e for c, e in end.items() if c != last)
+            if (
+                max(start.values()) - y <= near
+                and y - end[last] <= 1.5 * near
+                and y - min(end.values()) >= 0.06 * self.page_height
+            ):
+                between = [
+                    i
+                    for i in above
+                    if column_of[i] == last and self.boxes[i][1] >= others - self.y_tol
+                ]
+                return y, between
+        return None
 
     def _components(self, idx: list[int]) -> list[list[int]]:
         """Groups of blocks connected by x-overlap, each in input order."""

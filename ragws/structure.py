@@ -567,10 +567,24 @@ def _join_continuations(blocks: list[Block], starts: set[int], height: float) ->
     """A paragraph the layout model cut in two (a region boundary mid-sentence) made whole:
     text that starts a region in lower case right after prose that did not end a sentence.
     A block in the page's top or bottom band is no paragraph's first half: it is a running
-    header (the page's first paragraph often continues the previous page's last)."""
+    header (the page's first paragraph often continues the previous page's last). Likewise a
+    code listing or a list that a column break or region edge cut in two: a unit that starts
+    with code right after code, or with list items right after a list, goes on with it."""
     out: list[Block] = []
     for block in blocks:
         prev = out[-1] if out else None
+        if (
+            prev is not None
+            and id(block) in starts
+            and block.type == prev.type
+            and block.type in ("code", "list")
+            and block.source == prev.source
+        ):
+            prev.text = f"{prev.text}\n{block.text}"
+            prev.bbox = _union(prev.bbox, block.bbox)
+            if prev.items is not None and block.items is not None:
+                prev.items.extend(block.items)
+            continue
         if (
             prev is not None
             and id(block) in starts

@@ -491,3 +491,18 @@ def test_chunks_carry_their_heading_path():
     assert by_start["## 3 Results"] == ["3 Results"]
     assert by_start["#### 3.0.1 D"] == ["3 Results", "3.0.1 Deep"]
     assert chunks[-1].to_dict()["headings"] == ["3 Results", "3.0.1 Deep"]
+
+
+def test_columns_start_again_under_a_table_set_between_them():
+    """A table that spans two columns but is no wider than one (a browser's ``column-span:
+    all``): the columns above are balanced, the table comes after both, and the text under
+    it is a new pair of columns, read left then right."""
+    page = [
+        blk("text", 50, 100, 480, 600, "left-top"),
+        blk("table", 50, 640, 500, 760, "table"),
+        blk("text", 520, 100, 950, 520, "right-top"),
+        blk("text", 50, 790, 480, 1000, "left-bottom"),
+        blk("text", 520, 790, 950, 1000, "right-bottom"),
+    ]
+    ordered = reading_order(shuffled(page, 4), W, H)
+    assert texts(ordered) == ["left-top", "right-top", "table", "left-bottom", "right-bottom"]
