@@ -487,3 +487,27 @@ def test_a_running_header_never_starts_a_paragraph():
     regions[0] = Region("text", (290, 85, 510, 106))
     joined = build_blocks(PageInput(0, 612, 792, regions, moved, DocumentStyle(body_size=10)))
     assert len(joined) == 1 and joined[0].text.startswith("Field Bulletin continued text 0")
+
+
+def test_code_cut_by_a_column_break_stays_one_listing():
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    for n in range(20):
+        page.insert_text(
+            (50, 80 + 14 * n), f"left column prose line number {n} runs on", fontsize=10
+        )
+    code = ["func total(items []Item) int {", "    sum := 0", "    for _, it := range items {"]
+    for n, text in enumerate(code):
+        page.insert_text((50, 400 + 12 * n), text, fontsize=9, fontname="cour")
+    page.insert_text((320, 80), "        sum += it.n", fontsize=9, fontname="cour")
+    page.insert_text((320, 92), "    }", fontsize=9, fontname="cour")
+    page.insert_text((320, 104), "}", fontsize=9, fontname="cour")
+    for n in range(20):
+        page.insert_text((320, 140 + 14 * n), f"right column prose line {n} goes on", fontsize=10)
+    lines = pdf_lines(page)
+    style = analyze([(0, 792.0, lines)])
+    blocks = build_blocks(PageInput(0, 612, 792, [], lines, style))
+    listings = [b for b in blocks if b.type == "code"]
+    assert len(listings) == 1, [(b.type, b.text[:30]) for b in blocks]
+    assert listings[0].text.splitlines()[0] == code[0]
+    assert listings[0].text.splitlines()[-1] == "}"
