@@ -219,8 +219,10 @@ class _Geometry:
     def _cutters(self, idx: list[int], columns: list[list[int]]) -> list[int]:
         """Blocks that cut columns into bands although they are narrow: a heading set across
         the page whose box only covers its words. One line high (3% of the page at most),
-        nothing beside it, and blocks of another column both above and below it."""
+        nothing beside it, blocks of another column above it and one starting right below.
+        """
         column_of = {i: c for c, col in enumerate(columns) for i in col}
+        near = 0.04 * self.page_height
         found = []
         for i in idx:
             box = self.boxes[i]
@@ -230,7 +232,9 @@ class _Geometry:
                 continue
             others = [j for j in idx if column_of[j] != column_of[i]]
             above = any(self.boxes[j][3] <= box[1] + self.y_tol for j in others)
-            below = any(self.boxes[j][1] >= box[3] - self.y_tol for j in others)
+            # ... and another column going on right under it: under a heading that spans
+            # the page, every column starts again at once.
+            below = any(box[3] - self.y_tol <= self.boxes[j][1] <= box[3] + near for j in others)
             if above and below:
                 found.append(i)
         return found
@@ -246,7 +250,7 @@ class _Geometry:
         between: those above it and below where every other column ended, read after the
         columns above them."""
         column_of = {i: c for c, col in enumerate(columns) for i in col}
-        near = 0.02 * self.page_height
+        near = 0.03 * self.page_height  # a heading and its margins
         for y in sorted({self.boxes[i][1] for i in idx}):
             if any(
                 self.boxes[i][1] < y - self.y_tol < y + self.y_tol < self.boxes[i][3] for i in idx
@@ -262,8 +266,8 @@ class _Geometry:
             last = max(shared, key=lambda c: (end[c], -c))  # the column running up to the cut
             others = max(e for c, e in end.items() if c != last)
             if (
-                max(start.values()) - y <= near
-                and y - end[last] <= 1.5 * near
+                max(start.values()) - y <= 1.5 * near
+                and y - end[last] <= near
                 and y - min(end.values()) >= 0.06 * self.page_height
             ):
                 between = [

@@ -55,6 +55,7 @@ from .structure import (
     mark_repeated_furniture,
     page_style,
     region_kind,
+    regions_without_text,
     resolve_regions,
     retype_tabular_regions,
     ruled_tables,
@@ -299,8 +300,7 @@ class ParseService:
     ) -> dict[int, str]:
         """Regions a born-digital page has no text for (a figure of text, paths) are OCR'd, and
         equations too when the backend writes LaTeX."""
-        owned = set(assign_lines(lines, regions))
-        wanted = [i for i, r in enumerate(regions) if r.kind in READ_KINDS and i not in owned]
+        wanted = regions_without_text(lines, regions, READ_KINDS)
         if self.ocr is not None and self.ocr.markup:
             # LaTeX from a markup model beats a formula's text layer, which is out of order.
             wanted += [i for i, r in enumerate(regions) if r.kind == "equation"]
@@ -343,7 +343,8 @@ class ParseService:
                     table = table.scaled(scale)
             if table is None and mine and self.tables is not None:
                 table = await self._structure(rgb, regions[i].bbox, mine)
-            if table is not None and table.cells:
+            # One row or one column is no table (prose the layout model boxed as one).
+            if table is not None and table.cells and min(table.n_rows, table.n_cols) >= 2:
                 found[i] = table
         return found
 

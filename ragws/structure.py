@@ -23,7 +23,7 @@ styles, the title, furniture); :func:`build_blocks` applies it to one page. Pure
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -525,6 +525,20 @@ def _grid_like(lines: Sequence[Line]) -> bool:
     return sum(1 for col in columns if len(col) >= 0.5 * len(multi)) >= 2
 
 
+def regions_without_text(
+    lines: Sequence[Line], regions: Sequence[Region], kinds: Collection[str]
+) -> list[int]:
+    """Regions of ``kinds`` that hold no line at all (none with half its area inside), which
+    only OCR can read. A region whose lines another, nested region owns has text: reading it
+    again would put that text in two blocks."""
+    return [
+        i
+        for i, region in enumerate(regions)
+        if region.kind in kinds
+        and not any(overlap(ln.bbox, region.bbox) >= 0.5 * area(ln.bbox) for ln in lines)
+    ]
+
+
 def assign_lines(lines: Sequence[Line], regions: Sequence[Region]) -> list[int | None]:
     """The region each line belongs to: the one holding most of its area, if at least half
     (the smaller region on a tie); None for a line no region holds."""
@@ -566,8 +580,9 @@ def build_blocks(page: PageInput) -> list[Block]:
 def _join_continuations(blocks: list[Block], starts: set[int], height: float) -> list[Block]:
     """A paragraph the layout model cut in two (a region boundary mid-sentence) made whole:
     text that starts a region in lower case right after prose that did not end a sentence.
-    A block in the page's top or bottom band is no paragraph's first half: it is a running
-    header (the page's first paragraph often continues the previous page's last). Likewise a
+    A block in the page's top band is no paragraph's first half: it is a running header (the
+    page's first paragraph often continues the previous page's last); one in the bottom band
+    may well be, at the foot of a column. Likewise a
     code listing or a list that a column break or region edge cut in two: a unit that starts
     with code right after code, or with list items right after a list, goes on with it."""
     out: list[Block] = []
@@ -591,7 +606,7 @@ def _join_continuations(blocks: list[Block], starts: set[int], height: float) ->
             and block.type == "text"
             and prev.type in ("text", "caption", "footnote")
             and prev.text
-            and _band(Line(prev.bbox, prev.text, 1.0), height) is None
+            and _band(Line(prev.bbox, prev.text, 1.0), height) != "header"
             and block.text[:1].islower()
             and not _SENTENCE_END.search(prev.text)
         ):
@@ -789,8 +804,11 @@ def _table_blocks(unit: _Unit, lines: list[Line], page: PageInput, make: Maker) 
             # Read by a backend that writes markup (GOT-OCR2's tables), or nothing at all.
             text = page.texts.get(unit.region, "") if unit.region is not None else ""
             return [make("table", text=text.strip(), bbox=unit.bbox)] if text.strip() else []
-        # No grid could be read: the rows as lines, so the text is still there.
         rows = _rows(lines)
+        if all(len(row) == 1 for row in rows):
+            # One line per row, nothing side by side: prose the layout model took for a table.
+            return _text_blocks(unit, lines, page, make, kind="text")
+        # No grid could be read: the rows as lines, so the text is still there.
         text = "\n".join(" | ".join(ln.text.strip() for ln in row) for row in rows)
         return [make("table", text=text, lines=lines, bbox=unit.bbox)]
     inside, rest = [], []
