@@ -1,6 +1,7 @@
 // The ragws viewer: open a PDF or an image, see its pages with their layout regions as the
-// server renders them, read a region's text as OCR streams it, and parse the whole document
-// to markdown. Everything goes through ragws.js; every server string reaches the page as text.
+// server renders them, read a region's text as OCR streams it (a layout region, or a rectangle
+// drawn on the page), and parse the whole document to markdown. Everything goes through
+// ragws.js; every server string reaches the page as text.
 
 import { connect, RagwsError } from "./ragws.js";
 import { headingLevel, renderBlock, renderMarkdown } from "./markdown.js";
@@ -8,8 +9,11 @@ import { headingLevel, renderBlock, renderMarkdown } from "./markdown.js";
 const $ = (id) => document.getElementById(id);
 
 // Colours per class: the parse's block types, and the layout models' own classes (the
-// embedded model's and DocLayout-YOLO's), the same colour where they mean the same thing.
+// embedded model's and DocLayout-YOLO's), the same colour where they mean the same thing; and
+// the regions a person draws.
+const DRAWN = "drawn";
 const CLASS_COLORS = {
+  [DRAWN]: "#c71585",
   title: "#d62728",
   heading: "#8c1d40",
   text: "#1f77b4",
@@ -38,6 +42,7 @@ const BLOCK_TYPES = [
 ];
 const SPARE_COLORS = ["#008b8b", "#8b8b00", "#4b0082", "#dc143c", "#556b2f", "#00008b"];
 const RENDER_SCALE = 2; // PDF pages at 144 dpi: what OCR reads well, and sharp on screen
+const DRAW_MIN_PX = 6; // a drawn rectangle narrower or lower than this on screen is a slip or a tap
 
 const params = new URLSearchParams(location.search);
 // The socket beside this page ("ws" relative to it), unless ?server= names another.
@@ -51,7 +56,10 @@ const view = {
   parse: null, // the Stream of the parse request
   parsed: null, // {name, pages, done} of the last finished parse
 };
-const classes = new Map(); // name → {color, visible, count, countEl}
+const classes = new Map(); // name → {color, visible, count, countEl, checkbox}
+// Drawing a region: the page in draw mode (null: none; a Shift+drag with a mouse draws on any
+// page), the drag in progress, and whether the click that ends a drag is to be ignored.
+const drawing = { page: null, drag: null, swallowClick: false };
 
 // --- connection ---------------------------------------------------------------------------
 
@@ -151,7 +159,7 @@ async function openFile(file) {
   const bytes = new Uint8Array(await file.arrayBuffer());
   reset();
   const kind = isPdf(bytes) ? "pdf" : "image";
-  const doc = { name: file.name, kind, bytes, pages: new Map(), pageCount: null, urls: [] };
+  const doc = { name: file.name, kind, bytes, pages: new Map(), pageCount: null, urls: [], drawn: 0 };
   view.doc = doc;
   $("dropzone").hidden = true;
   $("parse-button").disabled = false;
@@ -240,6 +248,8 @@ function reset() {
   view.loading?.cancel();
   view.ocr?.cancel();
   view.parse?.cancel();
+  cancelDrag();
+  drawing.page = null;
   Object.assign(view, { loading: null, ocr: null, parse: null, parsed: null });
   for (const url of view.doc?.urls ?? []) URL.revokeObjectURL(url);
   view.doc = null;
@@ -270,23 +280,51 @@ function addPage(doc, number, { width, height }, imageUrl, imageBytes) {
   img.alt = `Page ${number + 1} of ${doc.name}`;
   img.width = width;
   img.height = height;
+  img.draggable = false; // a mouse drag on the page draws, never drags the picture away
   const overlay = document.createElement("div");
   overlay.className = "overlay";
   overlay.setAttribute("role", "group");
   overlay.setAttribute("aria-label", `Regions on page ${number + 1}`);
   overlay.dataset.testid = "overlay";
   overlay.addEventListener("keydown", moveFocus);
+  // Above the page, where a person scrolling down reaches it first (on a phone the results
+  // panel covers the screen's lower part).
   const caption = document.createElement("figcaption");
-  caption.textContent = `Page ${number + 1}`;
+  const title = document.createElement("span");
+  title.textContent = `Page ${number + 1}`;
+  const hint = document.createElement("span");
+  hint.className = "draw-hint";
+  hint.textContent = "Drag over what to read · Esc stops";
+  const toggle = document.createElement("button");
+  toggle.type = "button";
+  toggle.className = "button draw-toggle";
+  toggle.textContent = "Draw region";
+  toggle.dataset.testid = "draw-toggle";
+  toggle.setAttribute("aria-pressed", "false");
+  toggle.setAttribute("aria-label", `Draw region on page ${number + 1}: drag a rectangle to read its text`);
+  caption.append(title, hint, toggle);
   sheet.append(img, overlay);
-  figure.append(sheet, caption);
+  figure.append(caption, sheet);
 
   // Pages finish in any order: keep them in page order on screen.
   const later = [...doc.pages.values()].filter((p) => p.number > number).sort((a, b) => a.number - b.number)[0];
   $("pages").insertBefore(figure, later ? later.figure : null);
 
-  const page = { number, width, height, imageBytes, figure, img, overlay, caption, regions: [] };
+  const page = {
+    number, width, height, imageBytes, figure, sheet, img, overlay, caption: title, toggle,
+    regions: [], drawn: [],
+  };
   doc.pages.set(number, page);
+  toggle.addEventListener("click", () => setDrawPage(drawing.page === page ? null : page));
+  sheet.addEventListener("pointerdown", (event) => startDrag(page, event));
+  sheet.addEventListener("pointermove", (event) => moveDrag(event));
+  sheet.addEventListener("pointerup", (event) => endDrag(event));
+  sheet.addEventListener("pointercancel", () => cancelDrag());
+  sheet.addEventListener("lostpointercapture", () => cancelDrag());
+  // After a drag the browser may still click what the drag began on: that click is no choice.
+  sheet.addEventListener("click", (event) => {
+    if (drawing.swallowClick) event.stopPropagation();
+  }, true);
   return page;
 }
 
@@ -301,7 +339,8 @@ function setRegions(page, { boxes, classes: names, scores }) {
   // Larger regions first, so that a region inside another is on top of it and clickable.
   const byArea = [...page.regions].sort((a, b) => area(b.box) - area(a.box));
   const buttons = byArea.map((region) => regionButton(page, region));
-  page.overlay.replaceChildren(...buttons);
+  // Drawn regions outlive a late layout (an image's arrives after it is shown), on top.
+  page.overlay.replaceChildren(...buttons, ...page.drawn.map((region) => region.button));
   for (const region of page.regions) countClass(region.name);
   resetRoving(page.overlay);
   page.caption.textContent = `Page ${page.number + 1} · ${boxes.length} region${boxes.length === 1 ? "" : "s"}`;
@@ -321,8 +360,14 @@ function regionButton(page, region) {
   button.dataset.box = region.box.map((v) => Math.round(v)).join(",");
   button.dataset.testid = "region";
   button.setAttribute("aria-pressed", "false");
-  button.setAttribute("aria-label", `${region.name} region, score ${region.score.toFixed(2)}; read its text`);
-  button.title = `${region.name} ${region.score.toFixed(2)}`;
+  if (region.drawn) {
+    const size = `${Math.round(x1 - x0)} × ${Math.round(y1 - y0)} pixels`;
+    button.setAttribute("aria-label", `region drawn on page ${page.number + 1}, ${size}; read its text`);
+    button.title = `drawn region, ${size}`;
+  } else {
+    button.setAttribute("aria-label", `${region.name} region, score ${region.score.toFixed(2)}; read its text`);
+    button.title = `${region.name} ${region.score.toFixed(2)}`;
+  }
   const color = classInfo(region.name).color;
   button.style.setProperty("--c", color);
   Object.assign(button.style, {
@@ -337,6 +382,7 @@ function regionButton(page, region) {
   tag.textContent = region.name;
   button.append(tag);
   button.addEventListener("click", () => readRegion(page, region, button));
+  region.button = button;
   return button;
 }
 
@@ -374,6 +420,117 @@ function moveFocus(event) {
   next.focus();
 }
 
+// --- drawing a region ---------------------------------------------------------------------
+
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "Escape") return;
+  if (drawing.drag) cancelDrag();
+  else if (drawing.page) setDrawPage(null);
+  else return;
+  event.preventDefault();
+});
+
+/** Put one page in draw mode (null: none). The mode stays until toggled off or Escape. */
+function setDrawPage(page) {
+  cancelDrag();
+  drawing.page = page;
+  for (const other of view.doc?.pages.values() ?? []) {
+    other.figure.classList.toggle("drawing", other === page);
+    other.toggle.setAttribute("aria-pressed", String(other === page));
+  }
+}
+
+function startDrag(page, event) {
+  const mode = drawing.page === page || (event.shiftKey && event.pointerType === "mouse");
+  if (!mode || drawing.drag || !event.isPrimary || event.button !== 0) return;
+  event.preventDefault(); // no text selection, no native drag
+  const { x, y } = pagePoint(page, event);
+  const el = document.createElement("div");
+  el.className = "draw-box";
+  el.dataset.testid = "draw-box";
+  page.overlay.append(el);
+  drawing.drag = { page, pointerId: event.pointerId, x0: x, y0: y, x1: x, y1: y, el };
+  placeBox(page, el, dragBox(drawing.drag));
+  page.sheet.setPointerCapture(event.pointerId);
+}
+
+function moveDrag(event) {
+  const drag = drawing.drag;
+  if (!drag || event.pointerId !== drag.pointerId) return;
+  const at = pagePoint(drag.page, event);
+  drag.x1 = at.x;
+  drag.y1 = at.y;
+  placeBox(drag.page, drag.el, dragBox(drag));
+}
+
+function endDrag(event) {
+  const drag = drawing.drag;
+  if (!drag || event.pointerId !== drag.pointerId) return;
+  moveDrag(event);
+  cancelDrag();
+  const { page } = drag;
+  const box = dragBox(drag);
+  const onScreen = page.img.getBoundingClientRect().width / page.width;
+  if ((box[2] - box[0]) * onScreen < DRAW_MIN_PX || (box[3] - box[1]) * onScreen < DRAW_MIN_PX) return;
+  drawing.swallowClick = true;
+  setTimeout(() => (drawing.swallowClick = false), 0); // the click, if any, comes before this
+  addDrawnRegion(page, box);
+}
+
+function cancelDrag() {
+  const drag = drawing.drag;
+  if (!drag) return;
+  drawing.drag = null;
+  drag.el.remove();
+  if (drag.page.sheet.hasPointerCapture(drag.pointerId)) drag.page.sheet.releasePointerCapture(drag.pointerId);
+}
+
+/** Where a pointer is, in the page image's pixels, held to the page. */
+function pagePoint(page, { clientX, clientY }) {
+  const rect = page.img.getBoundingClientRect();
+  const clamp = (value) => Math.min(1, Math.max(0, value));
+  return {
+    x: clamp((clientX - rect.left) / rect.width) * page.width,
+    y: clamp((clientY - rect.top) / rect.height) * page.height,
+  };
+}
+
+/** The drag as a box of whole pixels, [x0, y0, x1, y1], within the page. */
+function dragBox({ page, x0, y0, x1, y1 }) {
+  const left = Math.max(0, Math.floor(Math.min(x0, x1)));
+  const top = Math.max(0, Math.floor(Math.min(y0, y1)));
+  const right = Math.min(page.width, Math.ceil(Math.max(x0, x1)));
+  const bottom = Math.min(page.height, Math.ceil(Math.max(y0, y1)));
+  return [left, top, right, bottom];
+}
+
+function placeBox(page, el, [x0, y0, x1, y1]) {
+  Object.assign(el.style, {
+    left: pct(x0, page.width),
+    top: pct(y0, page.height),
+    width: pct(x1 - x0, page.width),
+    height: pct(y1 - y0, page.height),
+  });
+}
+
+/** A drawn rectangle becomes a region of its page, like the layout's, and is read at once. */
+function addDrawnRegion(page, box) {
+  const info = classInfo(DRAWN);
+  if (!info.visible) {
+    info.checkbox.checked = true;
+    toggleClass(DRAWN, true);
+  }
+  view.doc.drawn += 1;
+  const region = { box, name: DRAWN, score: 1, index: `${DRAWN}-${view.doc.drawn}`, drawn: true };
+  page.drawn.push(region);
+  const button = regionButton(page, region);
+  button.tabIndex = -1;
+  page.overlay.append(button);
+  countClass(DRAWN);
+  if (!page.overlay.querySelector('.region[tabindex="0"]')) resetRoving(page.overlay);
+  readRegion(page, region, button);
+}
+
 // --- legend -------------------------------------------------------------------------------
 
 function classInfo(name) {
@@ -403,6 +560,7 @@ function addLegendItem(name, info) {
   box.type = "checkbox";
   box.checked = info.visible;
   box.addEventListener("change", () => toggleClass(name, box.checked));
+  info.checkbox = box;
   const swatch = document.createElement("span");
   swatch.className = "swatch";
   const text = document.createElement("span");
@@ -452,7 +610,8 @@ async function readRegion(page, region, button) {
   selectTab("ocr");
   clearError();
 
-  $("ocr-region").textContent = `${region.name} on page ${page.number + 1}`;
+  const what = region.drawn ? "drawn region" : region.name;
+  $("ocr-region").textContent = `${what} on page ${page.number + 1}`;
   drawCrop(page, region.box);
   const out = $("ocr-text");
   out.replaceChildren();
