@@ -10,6 +10,13 @@ The contract is Triton's dynamic batcher, in the same three knobs:
 There is no polling: the collector sleeps until an item arrives or the oldest item's deadline
 passes. The model runs on one dedicated thread, so the event loop never blocks on it.
 
+The queue is shared, but not first come, first served: it holds one FIFO per client (the
+connection a request came on, :mod:`ragws.fairness`), and a batch takes items from the clients
+in turn, one each, round robin. So one client's burst of a thousand text lines cannot push
+another client's few lines back by a thousand: they go into the next batch. Within a client,
+items go in the order they came. The knobs keep their meaning across clients: the delay is the
+oldest item's wait in any client's queue, and ``max_queue_size`` bounds all of them together.
+
 Cancellation is structural: a caller awaits :meth:`DynamicBatcher.submit`; cancelling that
 task cancels the item's future, and the collector skips items whose future is already done.
 So a request whose socket closed never reaches the model, and a result that arrives for a
@@ -21,15 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from . import deadlines
+from . import deadlines, fairness
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,15 @@ class _Entry(Generic[In, Out]):
     deadline: deadlines.Deadline | None  # the submitting request's, if it has one
 
 
+def _withdrawn(entry: _Entry) -> bool:
+    """Cancelled by its caller (or already answered): never to reach the model."""
+    return entry.future.done()
+
+
+def _live(entries: Iterable[_Entry]) -> Iterator[_Entry]:
+    return (e for e in entries if not e.future.done())
+
+
 @dataclass(slots=True)
 class BatchStats:
     """Reported to ``on_batch`` after each model call, for metrics."""
@@ -78,7 +94,7 @@ class BatchStats:
 
 
 class DynamicBatcher(Generic[In, Out]):
-    """Collects items from many callers into batches for ``run_batch``.
+    """Collects items from many callers into batches for ``run_batch``, clients in turn.
 
     ``run_batch`` takes a list of items and returns one output per item, in order. It runs on
     the batcher's own thread and may raise: the items of that batch then fail with
@@ -107,7 +123,7 @@ class DynamicBatcher(Generic[In, Out]):
         self.max_queue_size = max_queue_size
         self.name = name
         self.on_batch = on_batch
-        self._queue: deque[_Entry[In, Out]] = deque()
+        self._queue: fairness.FairQueue[_Entry[In, Out]] = fairness.FairQueue(_withdrawn)
         self._running: list[_Entry[In, Out]] = []  # the batch inside the model call
         self._arrived = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
@@ -140,14 +156,18 @@ class DynamicBatcher(Generic[In, Out]):
 
     # --- callers --------------------------------------------------------------------------
 
-    async def submit(self, item: In) -> Batched[Out]:
-        """Queue ``item`` and wait for its result. Cancel the caller to withdraw it."""
+    async def submit(self, item: In, client: Hashable | None = None) -> Batched[Out]:
+        """Queue ``item`` and wait for its result. Cancel the caller to withdraw it.
+
+        ``client`` is whose turn the item waits for; by default the client of the request
+        running in this context (:data:`ragws.fairness.current`)."""
         if not self.healthy:
             raise BatcherStopped(f"{self.name} is not running")
         if len(self._queue) >= self.max_queue_size:
             raise QueueFull(f"{self.name} queue is full ({self.max_queue_size} items)")
         future: asyncio.Future[Batched[Out]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Entry(item, future, time.monotonic(), deadlines.current.get()))
+        entry = _Entry(item, future, time.monotonic(), deadlines.current.get())
+        self._queue.push(entry, fairness.current.get() if client is None else client)
         self._arrived.set()
         return await future
 
@@ -170,8 +190,7 @@ class DynamicBatcher(Generic[In, Out]):
             if not entry.future.done():
                 entry.future.set_exception(error)
         self._running = []
-        while self._queue:
-            entry = self._queue.popleft()
+        for entry in self._queue.drain():
             if not entry.future.done():
                 entry.future.set_exception(error)
 
@@ -203,13 +222,15 @@ class DynamicBatcher(Generic[In, Out]):
         """Wait until a batch is due, then take it off the queue."""
         target = self.preferred_batch_size or self.max_batch_size
         while True:
-            self._drop_withdrawn()
-            if not self._queue:
+            heads = self._queue.heads()  # each client's oldest live item
+            if not heads:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            live = sum(1 for e in self._queue if not e.future.done())
-            wait_s = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
+            # Counting stops at a full batch: a burst may queue thousands of lines.
+            live = sum(1 for _ in itertools.islice(_live(self._queue), target))
+            oldest = min(e.enqueued for e in heads)
+            wait_s = oldest + self.max_queue_delay_s - time.monotonic()
             if live >= target or wait_s <= 0:
                 # A full (preferred) batch goes at once; a partial one only at the deadline.
                 return self._take(min(live, target))
@@ -217,18 +238,14 @@ class DynamicBatcher(Generic[In, Out]):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), wait_s)
 
-    def _drop_withdrawn(self) -> None:
-        while self._queue and self._queue[0].future.done():
-            self._queue.popleft()
-
     def _take(self, n: int) -> list[_Entry[In, Out]]:
+        """Up to ``n`` live items, one from each client in turn (withdrawn ones skipped)."""
         batch: list[_Entry[In, Out]] = []
-        while self._queue and len(batch) < n:
-            entry = self._queue.popleft()
-            if not entry.future.done():
-                batch.append(entry)
-                if entry.deadline is not None:
-                    entry.deadline.started()
+        while len(batch) < n and self._queue.peek() is not None:
+            entry = self._queue.pop()
+            batch.append(entry)
+            if entry.deadline is not None:
+                entry.deadline.started()
         return batch
 
     def _report(self, batch: list[_Entry[In, Out]], started: float, *, failed: bool) -> None:

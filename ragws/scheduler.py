@@ -6,15 +6,20 @@ prefill phase), and waiting sequences are admitted into free KV slots while a pe
 token budget lasts. A newcomer's prefill therefore delays running decodes by at most one
 step's worth of prompt tokens.
 
+Waiting sequences are admitted clients in turn (:class:`~ragws.fairness.FairQueue`): one FIFO
+per client, one sequence from each in round robin, so a client with dozens of sequences queued
+delays another client's one by at most one admission per active client, not by all of them.
+
 The scheduler never touches tensors and runs on the engine thread only; requests and aborts
 from the event loop reach it through the engine's inbox.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+from .fairness import FairQueue
 from .kv_slots import SlotAllocator
 from .sequence import FinishReason, SeqStatus, Sequence
 
@@ -34,11 +39,11 @@ class Scheduler:
     def __init__(self, slots: SlotAllocator, *, max_prefill_tokens: int) -> None:
         self.slots = slots
         self.max_prefill_tokens = max_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: FairQueue[Sequence] = FairQueue()
         self.running: list[Sequence] = []
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, client: Hashable | None = None) -> None:
+        self.waiting.push(seq, client)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -46,12 +51,11 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(decode=list(self.running))
         budget = self.max_prefill_tokens
-        while self.waiting and self.slots.can_allocate():
-            seq = self.waiting[0]
+        while self.slots.can_allocate() and (seq := self.waiting.peek()) is not None:
             # The first admission always fits, so a prompt longer than the budget still runs.
             if step.prefill and seq.num_prompt_tokens > budget:
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             seq.slot = self.slots.allocate(seq.request_id)
             seq.status = SeqStatus.RUNNING
             step.prefill.append(seq)
@@ -74,12 +78,12 @@ class Scheduler:
 
     def abort(self, request_id: int) -> Sequence | None:
         """Remove a sequence wherever it is and free its slot; None if it already ended."""
-        for seq in self.waiting:
-            if seq.request_id == request_id:
-                self.waiting.remove(seq)
-                seq.status = SeqStatus.FINISHED
-                seq.finish_reason = FinishReason.CANCELLED
-                return seq
+        queued = next((seq for seq in self.waiting if seq.request_id == request_id), None)
+        if queued is not None:
+            self.waiting.remove(queued)
+            queued.status = SeqStatus.FINISHED
+            queued.finish_reason = FinishReason.CANCELLED
+            return queued
         for seq in self.running:
             if seq.request_id == request_id:
                 self.finish(seq, FinishReason.CANCELLED)

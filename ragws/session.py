@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
-from . import protocol
+from . import fairness, protocol
 from .admission import Admission
 from .config import Settings
 from .deadlines import DeadlineExceeded, deadline_scope
@@ -116,6 +116,8 @@ class Session:
     async def run(self) -> None:
         """Serve the socket until it closes, then cancel whatever is still in flight."""
         self.task = asyncio.current_task()
+        # The socket is one client of the shared queues; every request task inherits this.
+        fairness.current.set(fairness.connection_key("ws", self.peer))
         metrics = self.services.metrics
         metrics.websocket_connections.inc()
         self.services.sessions.add(self)

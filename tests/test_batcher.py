@@ -163,3 +163,125 @@ def test_choose_batch_size_measures_on_cpu_and_takes_max_on_gpu(embedded_model):
         device = "cuda"
 
     assert choose_batch_size(OnGpu(), 16) == 16  # type: ignore[arg-type]
+
+
+# --- fair share: clients in turn --------------------------------------------------------------
+
+
+class Gated(Recorder):
+    """A batch function whose first batch waits for :meth:`open`, so that a test can queue
+    items from several clients before any of them is taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._gate = threading.Event()
+
+    def open(self) -> None:
+        self._gate.set()
+
+    def __call__(self, items: list[object]) -> list[object]:
+        self._gate.wait(5)
+        return super().__call__(items)
+
+
+async def _gated(**kwargs) -> tuple[Gated, DynamicBatcher, asyncio.Future]:
+    """A batcher whose model call is held on a first item ("gate"), from client "z"."""
+    fn = Gated()
+    batcher = await _started(fn, **kwargs)
+    gate = asyncio.ensure_future(batcher.submit("gate", client="z"))
+    await asyncio.sleep(0)  # queued
+    while batcher.queue_depth():  # taken: the batch of one is held in the model call
+        await asyncio.sleep(0.005)
+    return fn, batcher, gate
+
+
+def _queue(batcher: DynamicBatcher, client: str, items) -> list[asyncio.Future]:
+    return [asyncio.ensure_future(batcher.submit(i, client=client)) for i in items]
+
+
+async def test_batches_take_clients_in_turn_and_each_clients_items_in_order():
+    fn, batcher, gate = await _gated(max_batch_size=3, max_queue_delay_s=0.0)
+    queued = _queue(batcher, "a", ["a0", "a1", "a2", "a3"])
+    queued += _queue(batcher, "b", ["b0", "b1"])
+    queued += _queue(batcher, "c", ["c0"])
+    await asyncio.sleep(0.01)
+    assert batcher.queue_depth() == 7
+    fn.open()
+    await asyncio.gather(gate, *queued)
+    # One from each client in turn, the turn carried from batch to batch; a client whose
+    # queue empties leaves the turn.
+    assert fn.batches == [["gate"], ["a0", "b0", "c0"], ["a1", "b1", "a2"], ["a3"]]
+    await batcher.stop()
+
+
+async def test_the_client_comes_from_the_request_context():
+    from ragws.fairness import client_scope
+
+    fn, batcher, gate = await _gated(max_batch_size=4, max_queue_delay_s=0.0)
+    queued = []
+    for client, items in (("socket-1", ["x0", "x1", "x2"]), ("socket-2", ["y0"])):
+        with client_scope(client):  # as a request task started under it would
+            queued += [asyncio.ensure_future(batcher.submit(i)) for i in items]
+    await asyncio.sleep(0.01)
+    fn.open()
+    await asyncio.gather(gate, *queued)
+    assert fn.batches == [["gate"], ["x0", "y0", "x1", "x2"]]
+    await batcher.stop()
+
+
+async def test_a_bystander_item_goes_in_the_next_batch_despite_a_burst():
+    fn, batcher, gate = await _gated(max_batch_size=8, max_queue_delay_s=0.0)
+    burst = _queue(batcher, "burst", range(100))
+    await asyncio.sleep(0.01)
+    (bystander,) = _queue(batcher, "bystander", ["solo"])
+    await asyncio.sleep(0.01)
+    fn.open()
+    result = await bystander
+    await asyncio.gather(gate, *burst)
+    assert "solo" in fn.batches[1]  # the first batch after the one running when it came
+    assert result.queue_s < 5.0
+    # The burst's own items stayed in their order, across every batch.
+    assert [i for batch in fn.batches[1:] for i in batch if i != "solo"] == list(range(100))
+    await batcher.stop()
+
+
+async def test_withdrawn_items_of_any_client_never_run_nor_cost_a_turn():
+    fn, batcher, gate = await _gated(max_batch_size=4, max_queue_delay_s=0.0)
+    a0, a1 = _queue(batcher, "a", ["a0", "a1"])
+    b0, b1 = _queue(batcher, "b", ["b0", "b1"])
+    (c0,) = _queue(batcher, "c", ["c0"])
+    await asyncio.sleep(0.01)
+    for withdrawn in (a0, b0, b1):
+        withdrawn.cancel()
+    await asyncio.sleep(0.01)
+    fn.open()
+    await asyncio.gather(gate, a1, c0)
+    assert fn.batches == [["gate"], ["a1", "c0"]]
+    assert batcher.queue_depth() == 0
+    await batcher.stop()
+
+
+async def test_queue_bound_counts_every_clients_items():
+    fn, batcher, gate = await _gated(max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=3)
+    queued = _queue(batcher, "a", [1, 2]) + _queue(batcher, "b", [3])
+    await asyncio.sleep(0.01)
+    for client in ("a", "b", "c"):  # a new client gets no room of its own either
+        with pytest.raises(QueueFull):
+            await batcher.submit(4, client=client)
+    fn.open()
+    await asyncio.gather(gate, *queued)
+    await batcher.stop()
+
+
+async def test_partial_batch_waits_for_the_oldest_item_of_any_client():
+    fn = Recorder()
+    batcher = await _started(fn, max_batch_size=8, max_queue_delay_s=0.2)
+    t0 = time.monotonic()
+    first = asyncio.ensure_future(batcher.submit("a", client="one"))
+    await asyncio.sleep(0.1)
+    second = asyncio.ensure_future(batcher.submit("b", client="two"))
+    await asyncio.gather(first, second)
+    elapsed = time.monotonic() - t0
+    assert 0.18 <= elapsed < 0.29, elapsed  # one's item set the window, not two's
+    assert fn.batches == [["a", "b"]]
+    await batcher.stop()

@@ -110,3 +110,61 @@ def test_abort_frees_the_slot_at_once_and_drops_a_token_in_flight():
     d = seq(3)
     sched.add(d)
     assert sched.abort(3) is d and d not in sched.waiting
+
+
+# --- fair share: clients admitted in turn ----------------------------------------------------
+
+
+def ids(seqs) -> list[int]:
+    return [s.request_id for s in seqs]
+
+
+def test_waiting_clients_are_admitted_in_turn_each_in_its_own_order():
+    sched = Scheduler(SlotAllocator(4, 64), max_prefill_tokens=1000)
+    for i in range(4):
+        sched.add(seq(i), client="a")
+    sched.add(seq(10), client="b")
+    sched.add(seq(11), client="b")
+    sched.add(seq(20), client="c")
+    assert ids(sched.waiting) == [0, 10, 20, 1, 11, 2, 3]  # the order admission will take
+    step = sched.schedule()
+    assert ids(step.prefill) == [0, 10, 20, 1]
+    sched.postprocess(step, [5, 5, 5, EOS])  # 1 ends: one slot frees
+    # The turn carries over: after a's 1 came b.
+    assert ids(sched.schedule().prefill) == [11]
+
+
+def test_a_bystander_gets_the_next_free_slot_despite_a_burst():
+    slots = SlotAllocator(2, 64)
+    sched = Scheduler(slots, max_prefill_tokens=1000)
+    for i in range(100):
+        sched.add(seq(i, max_tokens=1), client="burst")
+    step = sched.schedule()
+    assert ids(step.prefill) == [0, 1]
+    sched.add(seq(999), client="bystander")
+    sched.postprocess(step, [5, 5])  # max_tokens=1: both end, both slots free
+    assert ids(sched.schedule().prefill) == [2, 999]
+    assert ids(sched.waiting) == list(range(3, 100))  # the burst's order, untouched
+
+
+def test_the_turn_waits_on_a_prompt_over_the_budget():
+    sched = Scheduler(SlotAllocator(8, 512), max_prefill_tokens=30)
+    sched.add(seq(0, prompt_len=20), client="a")
+    sched.add(seq(1, prompt_len=25), client="b")
+    sched.add(seq(2, prompt_len=5), client="a")
+    # b's 25 tokens do not fit what a's 20 left; the step ends there rather than let a's
+    # next prompt go round b.
+    assert ids(sched.schedule().prefill) == [0]
+    assert ids(sched.schedule().prefill) == [1, 2]
+
+
+def test_abort_finds_a_waiting_sequence_in_any_clients_queue():
+    sched = Scheduler(SlotAllocator(1, 64), max_prefill_tokens=1000)
+    sched.add(seq(0), client="a")
+    sched.schedule()
+    for rid, client in ((1, "a"), (2, "b"), (3, "b"), (4, "c")):
+        sched.add(seq(rid), client=client)
+    assert sched.abort(3).finish_reason is FinishReason.CANCELLED
+    assert sched.abort(4).status is SeqStatus.FINISHED  # c's only sequence: c leaves the turn
+    assert ids(sched.waiting) == [1, 2] and len(sched.waiting) == 2
+    assert sched.abort(3) is None
