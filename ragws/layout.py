@@ -1,15 +1,18 @@
 """Layout service: bytes in, per-page detections out, every page through one shared batcher.
 
-A page's journey: decode (image) or render (PDF, on the one pymupdf thread) → ``prepare`` on the
+A page's journey: decode (image) or render (PDF) in a document worker (:mod:`ragws.document_pool`,
+processes with a memory and a time limit, which the service owns) → ``prepare`` on the
 preprocess pool → the dynamic batcher → ``predict`` on the inference thread. Decoding and
 preprocessing of later pages overlap with inference of earlier ones, which is where most of the
-gain on a CPU comes from; on a GPU larger batches pay as well.
+gain on a CPU comes from; on a GPU larger batches pay as well. A document's pages render on
+every worker at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +23,8 @@ import numpy as np
 
 from .batcher import Batched, BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
 from .config import Settings
-from .documents import PdfDocument, PdfLimits, decode_image, encode_jpeg
+from .document_pool import DocumentPool
+from .documents import PdfDocument, PdfFile, PdfLimits, encode_jpeg
 from .metrics import Metrics
 from .models.base import Detections, LayoutInput, LayoutModel
 from .protocol import ErrorCode, RequestError
@@ -47,7 +51,7 @@ class PageLayout:
 class PdfPlan:
     """An opened PDF and the pages a request will get."""
 
-    doc: PdfDocument
+    doc: PdfFile
     pages: list[int]
 
 
@@ -70,11 +74,18 @@ class LayoutService:
         # cannot hold hundreds of rendered pages in memory while still filling whole batches.
         self.pages_in_flight = max(8, 2 * settings.layout_batch_size)
         self._pool = pool
-        self._pdf = ThreadPoolExecutor(1, thread_name_prefix="ragws-pdf")  # pymupdf: one thread
+        self.documents = DocumentPool(
+            settings.document_workers or os.cpu_count() or 2,
+            settings.document_worker_memory_mb,
+            settings.document_timeout_s,
+            on_replaced=lambda reason: metrics.document_workers_replaced_total.labels(reason).inc(),
+        )
         self.batcher: DynamicBatcher[LayoutInput, Detections] | None = None
         self.preferred_batch_size: int | None = None  # configured or measured at start()
 
     async def start(self) -> None:
+        await self.documents.start()
+        self.metrics.document_tasks_waiting.set_function(self.documents.waiting)
         preferred = self.settings.preferred_batch_size
         if preferred is None:
             preferred = await asyncio.get_running_loop().run_in_executor(
@@ -109,7 +120,7 @@ class LayoutService:
     async def stop(self) -> None:
         if self.batcher is not None:
             await self.batcher.stop()
-        self._pdf.shutdown(wait=True, cancel_futures=True)
+        await self.documents.stop()
 
     # --- requests -------------------------------------------------------------------------
 
@@ -117,8 +128,12 @@ class LayoutService:
         self, data: bytes, conf: float | None = None, iou: float | None = None
     ) -> PageLayout:
         started = time.monotonic()
-        rgb = await self._run(self._pool, decode_image, data, self.settings.max_image_pixels)
+        rgb = await self.decode_image(data)
         return await self._detect(rgb, None, conf, iou, started, with_jpeg=False)
+
+    async def decode_image(self, data: bytes) -> np.ndarray:
+        """Decode a client's image in a document worker, under ``max_image_pixels``."""
+        return await self.documents.decode_image(data, self.settings.max_image_pixels)
 
     async def detect_array(
         self, rgb: np.ndarray, page: int | None = None, started: float | None = None
@@ -127,30 +142,45 @@ class LayoutService:
         started = time.monotonic() if started is None else started
         return await self._detect(rgb, page, None, None, started, with_jpeg=False)
 
-    async def render_page(self, plan: PdfPlan, page: int, scale: float) -> np.ndarray:
-        """Render one page of an open plan on the PDF thread."""
-        return await self._run(self._pdf, plan.doc.render, page, scale, scale)
+    async def render_page(
+        self, plan: PdfPlan, page: int, scale: float, scale_y: float | None = None
+    ) -> np.ndarray:
+        """Render one page of an open plan (in a document worker)."""
+        return await self.in_worker(
+            plan, PdfDocument.render, page, scale, scale_y, what=f"rendering page {page}"
+        )
 
     async def page_words(
         self, plan: PdfPlan, page: int
     ) -> list[tuple[float, float, float, float, str, int, int, int]]:
-        """The page's text-layer words, in PDF points (PDF thread)."""
-        return await self._run(self._pdf, plan.doc.words, page)
+        """The page's text-layer words, in PDF points (in a document worker)."""
+        return await self.in_worker(
+            plan, PdfDocument.words, page, what=f"reading the words of page {page}"
+        )
 
-    async def on_pdf_thread(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn`` on the PDF thread: any call into an open document must."""
-        return await self._run(self._pdf, fn, *args)
+    async def in_worker(self, plan: PdfPlan, fn: Callable[..., T], *args: object, what: str) -> T:
+        """``fn(document, *args)`` in a document worker, ``document`` being the plan's PDF
+        opened there (a :class:`PdfDocument`): any call into an open document goes this way.
+        ``fn`` is pickled by name (a method of PdfDocument, a module's function), and
+        ``what`` names the work in the error a time or memory limit ends it with."""
+        return await self.documents.run(fn, *args, doc=plan.doc, what=what)
 
     async def open_pdf(self, data: bytes, pages: tuple[int, ...] | None) -> PdfPlan:
         """Open and validate a PDF; errors surface here, before any page frame is sent.
 
         The caller must :meth:`close_pdf` the plan when done with it.
         """
-        doc = await self._run(self._pdf, PdfDocument, data, self.pdf_limits)
+        self.pdf_limits.check_size(len(data))
+        path = await self.documents.store(data)
         try:
+            stored = PdfFile(path, 0, self.pdf_limits)  # opening it tells its page count
+            count = await self.documents.run(
+                PdfDocument.count_pages, doc=stored, what="opening the pdf"
+            )
+            doc = PdfFile(path, count, self.pdf_limits)
             return PdfPlan(doc, doc.select(pages))
         except BaseException:
-            await self._run(self._pdf, doc.close)
+            self.documents.discard(path)
             raise
 
     def detect_pdf(
@@ -172,13 +202,13 @@ class LayoutService:
 
         async def one_page(page: int) -> PageLayout:
             started = time.monotonic()
-            rgb = await self._run(self._pdf, plan.doc.render, page, scale_x, scale_y)
+            rgb = await self.render_page(plan, page, scale_x, scale_y)
             return await self._detect(rgb, page, conf, iou, started, with_jpeg=images)
 
         return windowed(plan.pages, one_page, self.pages_in_flight)
 
     async def close_pdf(self, plan: PdfPlan) -> None:
-        await self._run(self._pdf, plan.doc.close)
+        self.documents.discard(plan.doc.path)
 
     # --- internals ------------------------------------------------------------------------
 
