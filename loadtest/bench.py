@@ -11,14 +11,18 @@ next), on this machine:
 3. **parse** — ``parse_bench.py``: the parse pipeline vs. RapidOCR's pipeline plus the layout
    model page by page (the 16-page paper, ``text: "ocr"``);
 4. **parse_quality** — ``parse_quality.py``: parse output against ground truth (Overall of NID,
-   TEDS, MHS) for ragws, pymupdf4llm and opendataloader-pdf, per layout of its own corpus.
+   TEDS, MHS) for ragws, pymupdf4llm and opendataloader-pdf, per layout of its own corpus;
+5. **fairness** — ``fairness_bench.py``: a bystander's latency next to one client holding 6
+   requests in flight, clients served in turn vs. by arrival (layout, line OCR, GOT engine);
+6. **openai** — ``openai_bench.py``: GOT-OCR2 tokens/s for 16 streaming clients through
+   ``/v1/chat/completions`` vs. the same through the WebSocket.
 
 Prints one table of the headline ratios and writes it to ``--out`` as ``bench.json`` (with each
 benchmark's full results) and ``bench.md`` (the table, the machine, the commands).
 
 Example::
 
-    python loadtest/bench.py                          # all four, ~30 minutes on 2 CPU cores
+    python loadtest/bench.py                          # all six, ~36 minutes on 2 CPU cores
     python loadtest/bench.py --only ocr,parse --out /tmp/bench
     python loadtest/bench.py --device cuda            # GPU: real-size GOT-OCR2
 """
@@ -38,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import cpu_name, log  # noqa: E402
 
-BENCHES = ("layout", "ocr", "parse", "parse_quality")
+BENCHES = ("layout", "ocr", "parse", "parse_quality", "fairness", "openai")
 
 
 def commands(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
@@ -53,6 +57,8 @@ def commands(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
         "ocr": ocr,
         "parse": [py, str(HERE / "parse_bench.py"), "--json", str(out / "parse.json")],
         "parse_quality": [py, str(HERE / "parse_quality.py"), "--out", str(out)],
+        "fairness": [py, str(HERE / "fairness_bench.py"), "--json", str(out / "fairness.json")],
+        "openai": [py, str(HERE / "openai_bench.py"), "--json", str(out / "openai.json")],
     }
 
 
@@ -92,6 +98,37 @@ def headline(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
                     "ttft_p50_ms": run["ttft_p50_ms"],
                 }
             )
+        return rows
+    if name == "openai":
+        ws, api = result["tokens_per_s"]["websocket"], result["tokens_per_s"]["openai_api"]
+        streams = f"{result['streams']} streams"
+        return [
+            {"comparison": f"OpenAI API: WebSocket, {streams}", "value": ws, "unit": "tok/s"},
+            {
+                "comparison": f"OpenAI API: /v1/chat/completions, {streams}",
+                "value": api,
+                "unit": "tok/s",
+                "ratio": result["ratio"],
+                "vs": "WebSocket",
+            },
+        ]
+    if name == "fairness":
+        rows = []
+        for queue in result["results"]:
+            for way in queue["ways"]:
+                if way["way"] == "alone":
+                    continue
+                policy = "in turn" if way["way"] == "fair" else "by arrival"
+                rows.append(
+                    {
+                        "comparison": f"fair share: {queue['queue']} bystander, "
+                        f"{queue['flood']} in flight elsewhere, {policy}",
+                        "value": way["median_s"],
+                        "unit": "s",
+                        "ratio": way["ratio_vs_alone"],
+                        "vs": "bystander alone",
+                    }
+                )
         return rows
     if name == "parse_quality":
         rows = []

@@ -112,6 +112,22 @@ def _add_parse_command(commands: Any) -> None:
         help="documents in flight at once, over one connection (default: 4)",
     )
     parse.add_argument(
+        "--connections",
+        metavar="K",
+        type=_positive_int,
+        default=1,
+        help="sockets per document: a PDF goes as page ranges over K connections (through a "
+        "load balancer, to several replicas), results put back in page order (default: 1)",
+    )
+    parse.add_argument(
+        "--pages-per-request",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="pages per range when a PDF is split (default: an even share of --connections; "
+        "a PDF over the server's max_pages is split into ranges of max_pages by itself)",
+    )
+    parse.add_argument(
         "--text",
         choices=("auto", "ocr", "pdf"),
         default="auto",
@@ -358,30 +374,34 @@ async def _parse_one(
     from .client import RagwsError, is_pdf
 
     received = 0
+
+    def arrived(_page: object) -> None:
+        nonlocal received
+        received += 1
+        bar.update(1)
+
     try:
         data = await asyncio.to_thread(job.path.read_bytes)
         for attempt in range(OVERLOADED_RETRIES + 1):
-            stream = client.parse(
-                data,
-                pages=args.pages if is_pdf(data) else None,  # an image is one page
-                text=args.text,
-                chunk_chars=args.chunk_chars,
-                scale=args.scale,
-                figures=args.figures,
-                furniture=args.furniture,
-            )
             try:
-                async with stream:
-                    async for _ in stream:
-                        received += 1
-                        bar.update(1)
+                doc = await client.parse_document(
+                    data,
+                    pages=args.pages if is_pdf(data) else None,  # an image is one page
+                    text=args.text,
+                    chunk_chars=args.chunk_chars,
+                    scale=args.scale,
+                    figures=args.figures,
+                    furniture=args.furniture,
+                    connections=args.connections,
+                    pages_per_request=args.pages_per_request,
+                    on_page=arrived,
+                )
                 break
             except RagwsError as exc:
                 # Refused before any work: wait for room on the server, then try again.
-                if exc.code != "overloaded" or attempt == OVERLOADED_RETRIES:
+                if exc.code != "overloaded" or received or attempt == OVERLOADED_RETRIES:
                     raise
                 await asyncio.sleep(2.0**attempt)
-        doc = stream.result
         markdown, record = args.output / f"{name}.md", args.output / f"{name}.json"
         await asyncio.to_thread(markdown.write_text, doc.markdown, "utf-8")
         await asyncio.to_thread(record.write_text, document_json(job.path, doc), "utf-8")

@@ -17,7 +17,8 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Coroutine, Generator, Sequence
+import time
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -62,6 +63,10 @@ CANCELLED = "cancelled"
 
 # Frames after which the server sends nothing more about a request.
 _FINAL_TYPES = frozenset({"done", "error", "layout"})
+# Refusals that, after a goaway, mean "not here": the request is sent again elsewhere.
+_GONE_ELSEWHERE = frozenset({"overloaded", "unavailable", DISCONNECTED})
+# Outcomes of one page range of a split document after which that range is sent again.
+_RANGE_RETRIED = frozenset({"overloaded", "unavailable", DISCONNECTED, "shutdown"})
 
 
 class RagwsError(Exception):
@@ -344,10 +349,16 @@ class _Connection:
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reader: asyncio.Task[None] | None = None
     alive: bool = True
+    draining: bool = False  # goaway came: what is in flight finishes, new requests go elsewhere
+
+    @property
+    def open(self) -> bool:
+        return self.alive and not self.ws.closed
 
     @property
     def usable(self) -> bool:
-        return self.alive and not self.ws.closed
+        """Open, and fit for new requests."""
+        return self.open and not self.draining
 
 
 @dataclass(eq=False, slots=True)
@@ -401,8 +412,9 @@ class _Stream(Generic[ItemT, ResultT]):
             raise StopAsyncIteration
         try:
             if self._call is None:
-                self._call = await self._client._submit(self.id, self._fields)
-            frame = await self._call.receive()
+                self._call, frame = await self._client._start(self.id, self._fields)
+            else:
+                frame = await self._call.receive()
         except RagwsError as exc:
             self._ended, self._error = True, exc
             raise
@@ -492,10 +504,12 @@ class ParseStream(_Stream[ParsedPage, Document]):
     def __init__(self, client: AsyncClient, fields: Frame) -> None:
         super().__init__(client, fields)
         self._pages: list[ParsedPage] = []
+        self._frames: list[Frame] = []  # as sent: a document split in ranges is put together
 
     def _item(self, frame: Frame) -> ParsedPage:
         page = ParsedPage.from_frame(frame)
         self._pages.append(page)
+        self._frames.append(frame)
         return page
 
     def _finish(self, frame: Frame) -> Document:
@@ -551,9 +565,20 @@ class AsyncClient:
         self.heartbeat = heartbeat  # ping interval; a server silent for half of it is dropped
         self.deadline_ms = deadline_ms
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._options: dict[str, Any] = dict(
+            api_key=api_key,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            open_timeout=open_timeout,
+            heartbeat=heartbeat,
+            deadline_ms=deadline_ms,
+        )
         self._ids = itertools.count(1)
         self._http: aiohttp.ClientSession | None = None
         self._conn: _Connection | None = None
+        self._draining: set[_Connection] = set()  # left after goaway, still finishing requests
+        self._siblings: list[AsyncClient] = []  # more connections, for documents split in ranges
         self._hello: Hello | None = None
         self._connect_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -587,11 +612,16 @@ class AsyncClient:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.ws.close()
-            if conn.reader is not None:
-                await asyncio.gather(conn.reader, return_exceptions=True)
+        siblings, self._siblings = self._siblings, []
+        await asyncio.gather(*(sibling.close() for sibling in siblings))
+        conns = [self._conn, *self._draining]
+        self._conn = None
+        self._draining.clear()
+        for conn in conns:
+            if conn is not None:
+                await conn.ws.close()
+                if conn.reader is not None:
+                    await asyncio.gather(conn.reader, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -685,12 +715,15 @@ class AsyncClient:
         scale: float = 2.0,
         figures: bool = False,
         furniture: bool = False,
+        style_pages: Sequence[int] | None = None,
     ) -> ParseStream:
         """A PDF (bytes starting with ``%PDF-``) or an image to blocks, markdown and chunks.
 
         Pages stream as they finish; the stream's :attr:`~ParseStream.result` is the
         :class:`Document`. ``text``: ``auto`` (the PDF's text layer, OCR where it has none),
-        ``pdf`` or ``ocr``. ``pages`` applies to a PDF only.
+        ``pdf`` or ``ocr``. ``pages`` applies to a PDF only. ``style_pages``: the pages whose
+        text decides the document's style (title, headings, running headers), when ``pages``
+        is one range of a larger selection; None: ``pages`` themselves.
         """
         return ParseStream(
             self,
@@ -703,6 +736,7 @@ class AsyncClient:
                 "scale": scale,
                 "figures": figures,
                 "furniture": furniture,
+                "style_pages": _page_list(style_pages),
             },
         )
 
@@ -716,32 +750,180 @@ class AsyncClient:
         scale: float = 2.0,
         figures: bool = False,
         furniture: bool = False,
+        connections: int = 1,
+        pages_per_request: int | None = None,
+        on_page: Callable[[ParsedPage], object] | None = None,
     ) -> Document:
-        """The parsed document (the stream of :meth:`parse`, drained)."""
-        stream = self.parse(
-            data,
-            pages=pages,
-            text=text,
-            chunk_chars=chunk_chars,
-            scale=scale,
-            figures=figures,
-            furniture=furniture,
+        """The parsed document (the stream of :meth:`parse`, drained).
+
+        A PDF can go as page ranges of ``pages_per_request`` pages over ``connections``
+        sockets (through a load balancer: to several replicas), and is split so by itself when
+        it has more pages than the server's ``max_pages``. The pages are put back in order, and
+        the markdown and chunks are those of a parse of the whole over one socket
+        (:mod:`ragws.split`). A range whose socket drops, or that a server going away refuses
+        or ends with ``shutdown``, is sent again (only that range). ``on_page`` is called
+        with each page as it first arrives (for progress).
+        """
+        if connections < 1:
+            raise ValueError(f"connections must be ≥ 1, got {connections}")
+        fields: Frame = dict(
+            text=text, chunk_chars=chunk_chars, scale=scale, figures=figures, furniture=furniture
         )
-        async with stream:
-            async for _ in stream:
-                pass
+        pdf = is_pdf(data)
+        if pdf and (connections > 1 or pages_per_request is not None):
+            ranged = await self._split(data, pages, connections, pages_per_request, fields, on_page)
+            if ranged is not None:
+                return ranged
+        elif pdf and pages is not None:
+            await self._connection()  # its hello says max_pages
+            if len(pages) > self._max_pages():
+                ranged = await self._split(data, pages, 1, None, fields, on_page)
+                if ranged is not None:
+                    return ranged
+        stream = self.parse(data, pages=pages, **fields)
+        received = 0
+        try:
+            async with stream:
+                async for page in stream:
+                    received += 1
+                    if on_page is not None:
+                        on_page(page)
+        except RagwsError as exc:
+            # Over max_pages: split instead of refused (a PDF over max_pdf_bytes stays refused).
+            if exc.code != "too_large" or not pdf or received:
+                raise
+            ranged = await self._split(data, pages, 1, None, fields, on_page)
+            if ranged is None:
+                raise
+            return ranged
         return stream.result
+
+    def _max_pages(self) -> int:
+        return int(self.hello.limits.get("max_pages") or 0) or 2**31
+
+    async def _split(
+        self,
+        data: bytes,
+        pages: Sequence[int] | None,
+        connections: int,
+        pages_per_request: int | None,
+        fields: Frame,
+        on_page: Callable[[ParsedPage], object] | None,
+    ) -> Document | None:
+        """The document parsed in page ranges; None when one request will do (it fits one
+        range, or its pages cannot be counted here: the server then says what is wrong)."""
+        from . import split  # pymupdf and the server's assembly: only for split documents
+
+        await self._connection()
+        selected = list(pages) if pages is not None else None
+        if selected is None:
+            count = await asyncio.to_thread(split.pdf_page_count, data)
+            if count is None:
+                return None
+            selected = list(range(count))
+        per = split.pages_per_request(
+            len(selected), connections, pages_per_request, self._max_pages()
+        )
+        if len(selected) <= per:
+            return None
+        ranges = split.page_ranges(selected, per)
+        return await self._parse_ranges(data, selected, ranges, connections, fields, on_page)
+
+    async def _parse_ranges(
+        self,
+        data: bytes,
+        selected: list[int],
+        ranges: list[tuple[int, ...]],
+        connections: int,
+        fields: Frame,
+        on_page: Callable[[ParsedPage], object] | None,
+    ) -> Document:
+        """Parse ``ranges`` of ``selected`` over ``connections`` sockets, one range at a time
+        on each, and put the document together."""
+        from . import split
+
+        started = time.monotonic()
+        todo: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
+        for pages in ranges:
+            todo.put_nowait(pages)
+        finished: dict[tuple[int, ...], list[Frame]] = {}
+        failures: dict[tuple[int, ...], int] = {}
+        seen: set[int] = set()
+        workers = min(connections, len(ranges))
+        clients = [self, *await self._more_connections(workers - 1)]
+
+        async def parse_range(client: AsyncClient, pages: tuple[int, ...]) -> list[Frame]:
+            stream = client.parse(data, pages=pages, style_pages=selected, **fields)
+            async with stream:
+                async for page in stream:
+                    if on_page is not None and page.page not in seen:
+                        seen.add(page.page)
+                        on_page(page)
+            if stream.result.finish_reason != "stop":
+                reason = stream.result.finish_reason
+                raise RagwsError(reason, f"pages {list(pages)} ended early ({reason})", stream.id)
+            return stream._frames
+
+        async def work(client: AsyncClient) -> None:
+            while (pages := await todo.get()) is not None:
+                try:
+                    finished[pages] = await parse_range(client, pages)
+                except RagwsError as exc:
+                    failures[pages] = tries = failures.get(pages, 0) + 1
+                    if exc.code not in _RANGE_RETRIED or tries > self.retries:
+                        raise
+                    log.info("pages %s: %s; sent again", list(pages), exc)
+                    todo.put_nowait(pages)  # another connection may take it meanwhile
+                    delay = min(self.backoff * 2 ** (tries - 1), self.max_backoff)
+                    await asyncio.sleep(delay)
+                    continue
+                if len(finished) == len(ranges):
+                    for _ in clients:
+                        todo.put_nowait(None)
+
+        tasks = [asyncio.ensure_future(work(client)) for client in clients]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # a range failed for good (or the caller gave up): the others stop too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        frames = [frame for pages in ranges for frame in finished[pages]]
+        markdown, chunks = split.assemble(
+            frames, chunk_chars=fields["chunk_chars"], furniture=fields["furniture"]
+        )
+        elapsed = time.monotonic() - started
+        return Document(
+            finish_reason="stop",
+            markdown=markdown,
+            chunks=[Chunk.from_dict(chunk) for chunk in chunks],
+            pages=sorted((ParsedPage.from_frame(f) for f in frames), key=lambda p: p.page),
+            page_count=frames[0].get("page_count") if frames else None,
+            timing={
+                "total_ms": round(elapsed * 1000, 3),
+                "pages_per_s": round(len(frames) / max(elapsed, 1e-9), 3),
+            },
+        )
+
+    async def _more_connections(self, count: int) -> list[AsyncClient]:
+        """``count`` more clients of the same server, each with its own socket, kept open for
+        the next split document."""
+        while len(self._siblings) < count:
+            self._siblings.append(AsyncClient(self.url, **self._options))
+        siblings = self._siblings[:count]
+        await asyncio.gather(*(sibling.open() for sibling in siblings))
+        return siblings
 
     async def cancel(self, request_id: RequestId) -> bool:
         """Ask the server to stop a request (a stream's ``id``); False if it is not in flight.
 
         The stream then ends normally, its result's ``finish_reason`` being ``"cancelled"``.
         """
-        conn = self._conn
-        if conn is None or request_id not in conn.pending:
-            return False
-        await self._send_cancel(conn, request_id)
-        return True
+        for conn in (self._conn, *self._draining):
+            if conn is not None and request_id in conn.pending:
+                await self._send_cancel(conn, request_id)
+                return True
+        return False
 
     # --- requests -------------------------------------------------------------------------
 
@@ -750,16 +932,32 @@ class AsyncClient:
 
     async def _unary(self, fields: Frame) -> Frame:
         """Send a request answered by one frame, and wait for that frame."""
-        call = await self._submit(self._new_id(), fields)
-        try:
-            frame = await call.receive()
-        except asyncio.CancelledError:
-            self._abandon_soon(call)
-            raise
+        call, frame = await self._start(self._new_id(), fields)
         if frame.get("type") == "done":  # ended without its result: cancel, deadline, shutdown
             reason = frame.get("finish_reason", CANCELLED)
             raise RagwsError(reason, f"the request ended without a result ({reason})", call.id)
         return frame
+
+    async def _start(self, request_id: RequestId, fields: Frame) -> tuple[_Call, Frame]:
+        """Send a request and wait for its first frame.
+
+        A request refused by a server that is going away (a ``goaway`` frame on its socket,
+        then ``overloaded`` or ``unavailable``, or the socket closed with no answer) did no
+        work there, and is sent again on a new connection, which a load balancer gives to
+        another replica."""
+        for attempt in itertools.count():
+            call = await self._submit(request_id, fields)
+            try:
+                return call, await call.receive()
+            except RagwsError as exc:
+                moved = call.conn.draining and exc.code in _GONE_ELSEWHERE
+                if not moved or attempt >= self.retries:
+                    raise
+                log.info("request %s refused by a server going away: sent again", request_id)
+            except asyncio.CancelledError:
+                self._abandon_soon(call)
+                raise
+        raise AssertionError("unreachable")
 
     async def _submit(self, request_id: RequestId, fields: Frame) -> _Call:
         """Send one request frame; its replies go to the returned call's queue."""
@@ -811,7 +1009,7 @@ class AsyncClient:
         task.add_done_callback(self._tasks.discard)
 
     async def _send_cancel(self, conn: _Connection, request_id: RequestId) -> None:
-        if not conn.usable:
+        if not conn.open:
             return  # a closed socket has cancelled everything on it already
         data = msgpack.packb({"type": "cancel", "id": request_id}, use_bin_type=True)
         with contextlib.suppress(aiohttp.ClientError, ConnectionError):
@@ -836,6 +1034,9 @@ class AsyncClient:
             if self._closed:
                 await conn.ws.close()
                 raise RuntimeError("the client is closed")
+            old = self._conn
+            if old is not None and old.open:  # draining: it closes once its requests end
+                self._draining.add(old)
             self._conn, self._hello = conn, conn.hello
             return conn
 
@@ -919,6 +1120,7 @@ class AsyncClient:
             for request_id, queue in conn.pending.items():
                 queue.put_nowait(RagwsError(DISCONNECTED, reason, request_id))
             conn.pending.clear()
+            self._draining.discard(conn)
             if not ws.closed:
                 await ws.close()
 
@@ -929,6 +1131,14 @@ class AsyncClient:
             log.warning("unreadable frame from %s", self.url)
             return
         if not isinstance(frame, dict):
+            return
+        if frame.get("type") == "goaway":
+            log.info(
+                "%s is going away (%s): new requests go on a new connection",
+                self.url,
+                frame.get("reason"),
+            )
+            conn.draining = True
             return
         request_id = frame.get("id")
         queue = conn.pending.get(request_id) if isinstance(request_id, (int, str)) else None
@@ -1132,7 +1342,11 @@ class Client:
         scale: float = 2.0,
         figures: bool = False,
         furniture: bool = False,
+        connections: int = 1,
+        pages_per_request: int | None = None,
+        on_page: Callable[[ParsedPage], object] | None = None,
     ) -> Document:
+        """As :meth:`AsyncClient.parse_document`; ``on_page`` runs on the client's thread."""
         return self._run(
             self._async.parse_document(
                 data,
@@ -1142,6 +1356,9 @@ class Client:
                 scale=scale,
                 figures=figures,
                 furniture=furniture,
+                connections=connections,
+                pages_per_request=pages_per_request,
+                on_page=on_page,
             )
         )
 

@@ -141,6 +141,18 @@ class Settings:
         "on SIGTERM/SIGINT, how long running requests may take to finish before they are "
         "ended with finish_reason 'shutdown'",
     )
+    drain_delay_s: float = _setting(
+        0.0,
+        "on SIGTERM/SIGINT, how long GET /ready answers 503 while new requests are still "
+        "served, before they are refused (time for a load balancer to notice); the grace "
+        "period follows it",
+    )
+    ready_max_ocr_waiting: int = _setting(
+        0,
+        "GET /ready answers 503 (saturated) while more OCR work than this waits: GOT-OCR2 "
+        "sequences waiting for a KV slot, or embedded-OCR text lines waiting for "
+        "recognition; 0 = never (only a full max_concurrent makes a replica saturated)",
+    )
     max_concurrent: int = _setting(
         100, "global cap on in-flight requests; beyond it requests are rejected at once"
     )
@@ -178,7 +190,23 @@ class Settings:
     )
     max_render_scale: float = _setting(4.0, "largest PDF render scale a request may ask for")
     preprocess_threads: int = _setting(
-        0, "threads that decode and preprocess pages; 0 = one per CPU core"
+        0, "threads that preprocess pages for the models; 0 = one per CPU core"
+    )
+    document_workers: int = _setting(
+        0,
+        "processes that decode images and open, render and read PDFs (a client's bytes never "
+        "touch the server process); 0 = one per CPU core",
+    )
+    document_worker_memory_mb: int = _setting(
+        2048,
+        "memory a document worker may take beyond what it holds at start; a document that "
+        "needs more is answered too_large and its worker replaced",
+    )
+    document_timeout_s: float = _setting(
+        60.0,
+        "longest a document worker may spend on one task (decoding an image, opening a PDF, "
+        "rendering or reading one page); past it the request is answered timeout and the "
+        "worker killed and replaced",
     )
     inference_threads: int = _setting(
         0, "threads the CPU layout model may use per call; 0 = the runtime's default"
@@ -237,6 +265,21 @@ class Settings:
             "must be in (0, 10]",
         )
         _require(self.preprocess_threads >= 0, "preprocess_threads", self.preprocess_threads, "≥ 0")
+        _require(
+            0 <= self.document_workers <= 256, "document_workers", self.document_workers, "0..256"
+        )
+        _require(
+            self.document_worker_memory_mb >= 64,
+            "document_worker_memory_mb",
+            self.document_worker_memory_mb,
+            "must be ≥ 64",
+        )
+        _require(
+            0 < self.document_timeout_s <= 3600,
+            "document_timeout_s",
+            self.document_timeout_s,
+            "in (0, 3600]",
+        )
         _require(self.inference_threads >= 0, "inference_threads", self.inference_threads, "≥ 0")
         if self.layout_model not in LAYOUT_MODELS:
             path = Path(self.layout_model)
@@ -275,6 +318,13 @@ class Settings:
         _require(self.idle_timeout_s >= 0, "idle_timeout_s", self.idle_timeout_s, "≥ 0")
         _require(
             0 <= self.shutdown_grace_s <= 3600, "shutdown_grace_s", self.shutdown_grace_s, "0..3600"
+        )
+        _require(0 <= self.drain_delay_s <= 3600, "drain_delay_s", self.drain_delay_s, "0..3600")
+        _require(
+            self.ready_max_ocr_waiting >= 0,
+            "ready_max_ocr_waiting",
+            self.ready_max_ocr_waiting,
+            "must be ≥ 0",
         )
         _require(0 <= self.heartbeat_s <= 3600, "heartbeat_s", self.heartbeat_s, "0..3600")
         _require(

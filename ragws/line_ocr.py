@@ -24,19 +24,22 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from .assemble import area
 from .batcher import Batched, BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
 from .config import Settings
-from .documents import decode_image
+from .detokenizer import StopStrings
 from .metrics import Metrics
 from .models.ppocr import TEXT_SCORE, DetInput, LineInput, PpOcrModels, TextLine, quad_bounds
 from .ocr import OcrOptions, clamp_box, crop_box
 from .protocol import ErrorCode, RequestError, bad_request
 from .sequence import FinishReason, TokenEvent
+
+if TYPE_CHECKING:
+    from .document_pool import DocumentPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,11 +59,14 @@ class LineOcrService:
         settings: Settings,
         metrics: Metrics,
         pool: ThreadPoolExecutor,
+        documents: DocumentPool,
     ) -> None:
+        """``documents`` decodes sent images (in a document worker)."""
         self.models = models
         self.settings = settings
         self.metrics = metrics
         self._pool = pool
+        self._documents = documents
         self._det: DynamicBatcher[DetInput, np.ndarray] | None = None
         self._rec: DynamicBatcher[LineInput, tuple[str, float]] | None = None
 
@@ -71,6 +77,13 @@ class LineOcrService:
     @property
     def healthy(self) -> bool:
         return all(b is not None and b.healthy for b in (self._det, self._rec))
+
+    def queue_depths(self) -> dict[str, int]:
+        """Work waiting for a model: images for text detection, lines for recognition."""
+        return {
+            "ocr_detect": self._det.queue_depth() if self._det is not None else 0,
+            "ocr_recognize": self._rec.queue_depth() if self._rec is not None else 0,
+        }
 
     async def start(self) -> None:
         delay = self.settings.max_wait_ms / 1000
@@ -114,18 +127,20 @@ class LineOcrService:
         """One event per recognised line (text delta, box, score), then one with the finish.
 
         A line's ``text`` is prefixed with a newline after the first, so the deltas concatenate
-        to the full text exactly as GOT-OCR2's do. ``max_tokens``, ``crop`` and ``ignore_eos``
-        concern token generation and do not apply to line OCR.
+        to the full text exactly as GOT-OCR2's do. ``stop`` strings end the text there (and
+        the lines after it are not read). ``max_tokens``, ``crop``, ``ignore_eos``, the prompt
+        and the sampling settings concern token generation and do not apply to line OCR.
         """
         arrived = time.monotonic()
         rgb = image
         if isinstance(image, bytes):
-            rgb = await self._run(decode_image, image, self.settings.max_image_pixels)
+            rgb = await self._documents.decode_image(image, self.settings.max_image_pixels)
         offset = clamp_box(rgb, options.box)[:2] if options.box else (0, 0)
         rgb = crop_box(rgb, options.box)
         count = 0
         first_at: float | None = None
         timing: dict[str, float] = {}
+        stops = StopStrings(options.stop) if options.stop else None
         lines = self.read_lines(rgb, timing=timing)
         try:
             async for line in lines:
@@ -133,12 +148,17 @@ class LineOcrService:
                 first_at = first_at or now
                 x0, y0, x1, y1 = line.box
                 box = (x0 + offset[0], y0 + offset[1], x1 + offset[0], y1 + offset[1])
-                yield TokenEvent(("\n" if count else "") + line.text, box=box, score=line.score)
+                text = ("\n" if count else "") + line.text
                 count += 1
+                if stops is not None:
+                    text = stops.release(text)
+                yield TokenEvent(text, box=box, score=line.score)
+                if stops is not None and stops.stopped:
+                    break
         finally:
             await lines.aclose()
         yield TokenEvent(
-            "",
+            stops.release("", final=True) if stops is not None else "",
             finish_reason=FinishReason.STOP,
             completion_tokens=count,
             first_token_at=first_at,

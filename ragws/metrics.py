@@ -54,6 +54,12 @@ class Metrics:
             "Bytes queued on all WebSockets that their clients have not read yet",
             registry=r,
         )
+        self.receive_buffer_bytes = Gauge(
+            "ragws_receive_buffer_bytes",
+            "Bytes held for WebSocket frames and HTTP bodies still arriving "
+            "(bounded by max_receive_buffer_mb)",
+            registry=r,
+        )
         self.websocket_stalls_total = Counter(
             "ragws_websocket_stalls_total",
             "WebSockets closed (1008) because their client stopped reading",
@@ -85,6 +91,18 @@ class Metrics:
         )
         self.layout_queue_depth = Gauge(
             "ragws_layout_queue_depth", "Pages waiting in the layout batcher", registry=r
+        )
+        self.document_tasks_waiting = Gauge(
+            "ragws_document_tasks_waiting",
+            "Decodes, renders and text reads waiting for a document worker",
+            registry=r,
+        )
+        self.document_workers_replaced_total = Counter(
+            "ragws_document_workers_replaced_total",
+            "Document workers killed or lost and started again, by reason: timeout "
+            "(document_timeout_s), memory (document_worker_memory_mb), crash, cancelled",
+            ["reason"],
+            registry=r,
         )
 
         self.ocr_running = Gauge(
@@ -146,6 +164,30 @@ class Metrics:
             "ragws_parse_pages_total",
             "Pages parsed, by where their text came from",
             ["source"],
+            registry=r,
+        )
+
+        # What a load balancer and an autoscaler ask of one replica (ragws.readiness).
+        self.ready = Gauge(
+            "ragws_ready",
+            "1 when GET /ready answers 200 (serving, not draining, not saturated), else 0",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "ragws_draining", "1 from SIGTERM on: the replica is draining", registry=r
+        )
+        self.max_concurrent = Gauge(
+            "ragws_max_concurrent",
+            "Admission cap (max_concurrent): ragws_inflight_requests over it is the load",
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "ragws_queue_depth",
+            "Work waiting for a model, by queue: layout (pages), ocr_detect (images), "
+            "ocr_recognize (text lines), ocr_sequences (GOT-OCR2 sequences waiting for a KV "
+            "slot), table_structure and orientation (crops and pages)",
+            # Not "service": Prometheus Operator sets that label on every scraped sample.
+            ["queue"],
             registry=r,
         )
 

@@ -16,17 +16,19 @@ from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from . import deadlines
 from .config import Settings
-from .documents import decode_image
 from .metrics import Metrics
 from .ocr_engine import OcrEngine, StepRunner
 from .protocol import ErrorCode, RequestError, bad_request, too_large
-from .sequence import Sequence, TokenEvent
+from .sequence import Sampling, Sequence, TokenEvent
+
+if TYPE_CHECKING:
+    from .document_pool import DocumentPool
 
 _request_ids = itertools.count(1)
 
@@ -38,6 +40,11 @@ class OcrOptions:
     box: tuple[float, float, float, float] | None = None  # crop to this region first
     crop: bool = False  # GOT's multi-patch mode for large, dense pages
     ignore_eos: bool = False
+    prompt: str | None = None  # the request's own instruction; None: the model's for ``mode``
+    system: str | None = None  # a system message; None: the model's own
+    sampling: Sampling | None = None  # None: greedy
+    stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
+    skip_special_tokens: bool = True
 
 
 class OcrBackend(Protocol):
@@ -55,6 +62,10 @@ class OcrBackend(Protocol):
 
     @property
     def healthy(self) -> bool: ...
+
+    def queue_depths(self) -> dict[str, int]:
+        """Work waiting for a model, by the name of what waits (``ragws_queue_depth``)."""
+        ...
 
     async def start(self) -> None: ...
 
@@ -91,8 +102,10 @@ class OcrService:
         settings: Settings,
         metrics: Metrics,
         pool: ThreadPoolExecutor,
+        documents: DocumentPool,
     ) -> None:
-        """``pool`` decodes images and builds prompts; shared with the layout service."""
+        """``pool`` builds prompts, ``documents`` decodes images; both shared with the layout
+        service."""
         self.runner = runner
         self.settings = settings
         self.metrics = metrics
@@ -102,6 +115,7 @@ class OcrService:
             on_step=metrics.observe_ocr_step,
         )
         self._pool = pool
+        self._documents = documents
         metrics.kv_slots_total.set(runner.num_slots)
 
     @property
@@ -111,6 +125,10 @@ class OcrService:
     @property
     def healthy(self) -> bool:
         return self.engine.healthy
+
+    def queue_depths(self) -> dict[str, int]:
+        """Sequences waiting for a KV slot (read off the engine thread: a momentary count)."""
+        return {"ocr_sequences": len(self.engine.scheduler.waiting)}
 
     async def start(self) -> None:
         self.engine.start()
@@ -123,20 +141,28 @@ class OcrService:
     ) -> AsyncIterator[TokenEvent]:
         """Yield text deltas as the engine decodes them; the last event has a finish reason.
 
-        ``image`` is encoded bytes (decoded on the pool) or an RGB array.
+        ``image`` is encoded bytes (decoded in a document worker) or an RGB array.
         """
         if not self.engine.healthy:
             raise RequestError(ErrorCode.UNAVAILABLE, "the OCR engine is not running")
         loop = asyncio.get_running_loop()
         rgb = image
         if isinstance(image, bytes):
-            rgb = await loop.run_in_executor(
-                self._pool, decode_image, image, self.settings.max_image_pixels
-            )
+            rgb = await self._documents.decode_image(image, self.settings.max_image_pixels)
         rgb = crop_box(rgb, options.box)
-        prompt = await loop.run_in_executor(
-            self._pool, lambda: self.runner.prepare(rgb, mode=options.mode, crop=options.crop)
-        )
+        try:
+            prompt = await loop.run_in_executor(
+                self._pool,
+                lambda: self.runner.prepare(
+                    rgb,
+                    mode=options.mode,
+                    crop=options.crop,
+                    prompt=options.prompt,
+                    system=options.system,
+                ),
+            )
+        except ValueError as exc:  # text the model's prompt cannot take
+            raise bad_request(f"the prompt cannot be built: {exc}") from None
         room = self.runner.max_model_len - len(prompt.prompt_ids)
         if room < 1:
             raise too_large(
@@ -155,6 +181,9 @@ class OcrService:
             stop_ids=self.runner.stop_ids,
             emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             ignore_eos=options.ignore_eos,
+            sampling=options.sampling,
+            stop=options.stop,
+            skip_special_tokens=options.skip_special_tokens,
             arrived_at=time.monotonic(),
             on_start=deadline.started_threadsafe if deadline is not None else None,
         )

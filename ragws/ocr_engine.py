@@ -3,7 +3,9 @@
 Sequences join between steps and leave between steps. Requests and aborts from the event loop
 land in an inbox that the thread drains at the top of every step, so a cancelled sequence
 leaves the batch, and its KV slot is free, before the next step runs. Tokens leave through each
-sequence's ``emit`` (thread-safe), already detokenised into text deltas.
+sequence's ``emit`` (thread-safe), already detokenised into text deltas. A sequence joins the
+waiting queue of the client that submitted it (:mod:`ragws.fairness`), read on the event loop
+at submit time, and the scheduler admits clients in turn.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .detokenizer import IncrementalDetokenizer
+from . import fairness
+from .detokenizer import IncrementalDetokenizer, StopStrings
 from .kv_slots import SlotAllocator
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import FinishReason, Sequence, TokenEvent
@@ -77,7 +80,8 @@ class OcrEngine:
         self._thread.join(timeout=30)
 
     def submit(self, seq: Sequence) -> None:
-        self._inbox.append(("add", seq))
+        """Queue ``seq`` for the client of the request running in this context."""
+        self._inbox.append(("add", (seq, fairness.current.get())))
         self._wake.set()
 
     def abort(self, request_id: int) -> None:
@@ -110,9 +114,14 @@ class OcrEngine:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":
-                seq: Sequence = item
-                seq.detok = IncrementalDetokenizer(self.runner.tokenizer, self.runner.stop_ids)
-                self.scheduler.add(seq)
+                seq, client = item
+                seq.detok = IncrementalDetokenizer(
+                    self.runner.tokenizer,
+                    self.runner.stop_ids,
+                    skip_special_tokens=seq.skip_special_tokens,
+                    stop=StopStrings(seq.stop) if seq.stop else None,
+                )
+                self.scheduler.add(seq, client)
             else:
                 aborted = self.scheduler.abort(item)
                 if aborted is not None:
@@ -148,6 +157,9 @@ class OcrEngine:
             text = seq.detok.push(seq.last_token)
             if seq in finished:
                 self._emit_end(seq, seq.finish_reason, text + seq.detok.flush())
+            elif seq.detok.stopped:  # a stop string: the sequence ends, its slot free now
+                self.scheduler.finish(seq, FinishReason.STOP)
+                self._emit_end(seq, FinishReason.STOP, text)
             elif text:
                 seq.emit(self._event(seq, text))
         self._report(batch_size=len(tokens), ttft_s=ttft, step_s=time.monotonic() - started)
@@ -216,7 +228,7 @@ class OcrEngine:
             seq.emit(event)
 
     def _fail_all(self, error: str) -> None:
-        never_added = [item for kind, item in self._inbox if kind == "add"]
+        never_added = [item[0] for kind, item in self._inbox if kind == "add"]
         self._inbox.clear()
-        self._fail([*self.scheduler.running, *self.scheduler.waiting, *never_added], error)
-        self.scheduler.waiting.clear()
+        waiting = self.scheduler.waiting.drain()
+        self._fail([*self.scheduler.running, *waiting, *never_added], error)

@@ -1,11 +1,11 @@
 """The parse pipeline: PDF or image → layout → lines → blocks, markdown, chunks.
 
-For a PDF, the text layer of every selected page is read first (lines with their fonts, on the
-PDF thread) and the document's style decided from all of it: body size, heading styles, the
-title, running headers and footers (:func:`ragws.structure.analyze`). Then for every page,
-concurrently up to a window of pages per document:
+For a PDF, the text layer of every selected page is read first (lines with their fonts, in the
+document workers, pages in parallel) and the document's style decided from all of it: body
+size, heading styles, the title, running headers and footers (:func:`ragws.structure.analyze`).
+Then for every page, concurrently up to a window of pages per document:
 
-1. **render** the page (pymupdf, on the PDF thread) or take the sent image;
+1. **render** the page (pymupdf, in a document worker) or take the sent image;
 2. **layout** through the shared dynamic batcher (the same queue as ``layout``/``pdf`` requests);
 3. **lines** from one of two sources:
 
@@ -29,7 +29,9 @@ request, which withdraws its queued layout pages, OCR lines or sequences and tab
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,12 +41,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .assemble import Block, Chunk, chunk_blocks, document_markdown, page_markdown, set_markdown
-from .documents import decode_image, encode_jpeg
+from .documents import PdfDocument, encode_jpeg
 from .layout import LayoutService, PdfPlan
 from .metrics import Metrics
 from .models.orientation import rotate
 from .ocr import OcrBackend
-from .protocol import ErrorCode, ParseRequest, RequestError
+from .protocol import ErrorCode, ParseRequest, RequestError, bad_request
 from .structure import (
     DocumentStyle,
     PageInput,
@@ -69,6 +71,8 @@ if TYPE_CHECKING:
 
 #: Region kinds whose text is read when the text layer has none for them.
 READ_KINDS = frozenset({"text", "title", "list", "caption", "footnote", "header", "footer"})
+#: Document styles kept for the page ranges still to come (``style_pages``).
+STYLES_KEPT = 8
 #: Region kinds GOT-OCR2 reads in ``format`` mode (markup), when the backend has markup.
 MARKUP_KINDS = frozenset({"table", "equation"})
 
@@ -144,6 +148,9 @@ class ParseService:
         self._pool = pool
         self._max_pixels = max_image_pixels
         self.pages_in_flight = pages_in_flight
+        self._styles: collections.OrderedDict[tuple[bytes, tuple[int, ...]], DocumentStyle] = (
+            collections.OrderedDict()
+        )
 
     async def parse(self, request: ParseRequest) -> AsyncIterator[ParsedPage | ParsedDocument]:
         """Yield each page as it completes (any order), then the whole document."""
@@ -160,7 +167,7 @@ class ParseService:
             try:
                 layer = TextLayer()
                 if request.text != "ocr":
-                    layer = await self.layout.on_pdf_thread(read_text_layer, plan)
+                    layer = await self._read_text_layer(plan, request)
                 # Closed explicitly: an abandoned async generator would keep its page tasks
                 # running until garbage collection.
                 async with contextlib.aclosing(self._pdf_pages(plan, layer, request)) as pages:
@@ -172,7 +179,7 @@ class ParseService:
                 await self.layout.close_pdf(plan)
         else:
             started = time.monotonic()
-            rgb = await self._run(decode_image, request.document, self._max_pixels)
+            rgb = await self.layout.documents.decode_image(request.document, self._max_pixels)
             page = await self._page(rgb, 0, [], None, None, request, started, None)
             done.append(page)
             yield page
@@ -338,7 +345,9 @@ class ParseService:
             table = None
             if plan is not None and mine and mine[0].source == "pdf":
                 clip = _scaled(regions[i].bbox, 1 / scale)
-                table = await self.layout.on_pdf_thread(plan.doc.table, page, clip)
+                table = await self.layout.in_worker(
+                    plan, PdfDocument.table, page, clip, what=f"finding the table on page {page}"
+                )
                 if table is not None:
                     table = table.scaled(scale)
             if table is None and mine and self.tables is not None:
@@ -375,20 +384,58 @@ class ParseService:
                 if crop.size:
                     block.image = await self._run(encode_jpeg, crop)
 
+    async def _read_text_layer(self, plan: PdfPlan, request: ParseRequest) -> TextLayer:
+        """Every selected page's lines and shapes (read in the document workers, pages in
+        parallel), and the document's style decided from all of them, or from
+        ``request.style_pages`` (a page range parsed as part of a larger selection: decided
+        once per document and selection, and kept for the next ranges)."""
+        style, key, wanted = None, None, list(plan.pages)
+        if request.style_pages is not None:
+            if max(request.style_pages) >= plan.doc.page_count:
+                raise bad_request(
+                    f"field 'style_pages' lists a page past the end of the document "
+                    f"({plan.doc.page_count} pages)"
+                )
+            key = (await self._run(_digest, request.document), request.style_pages)
+            style = self._styles.get(key)
+            if style is None:
+                selected = set(wanted)
+                wanted += [p for p in request.style_pages if p not in selected]
+        reads = [
+            asyncio.ensure_future(
+                self.layout.in_worker(
+                    plan, PdfDocument.text, page, what=f"reading the text of page {page}"
+                )
+            )
+            for page in wanted
+        ]
+        try:
+            texts = await asyncio.gather(*reads)
+        finally:
+            for read in reads:  # one page failed: the others are not wanted
+                read.cancel()
+        layer = TextLayer()
+        read = {}
+        for page, (lines, shapes, height) in zip(wanted, texts, strict=True):
+            layer.lines[page], layer.shapes[page] = lines, shapes
+            read[page] = (page, height, lines)
+        if style is None:
+            decided_by = request.style_pages or plan.pages
+            style = await self._run(analyze, [read[page] for page in decided_by])
+        if key is not None:
+            self._styles[key] = style
+            self._styles.move_to_end(key)
+            while len(self._styles) > STYLES_KEPT:
+                self._styles.popitem(last=False)
+        layer.style = style
+        return layer
+
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
 
-def read_text_layer(plan: PdfPlan) -> TextLayer:
-    """Every selected page's lines and shapes, and the document's style (PDF thread)."""
-    layer = TextLayer()
-    pages = []
-    for page in plan.pages:
-        lines, shapes = plan.doc.lines(page)
-        layer.lines[page], layer.shapes[page] = lines, shapes
-        pages.append((page, plan.doc.page_size(page)[1], lines))
-    layer.style = analyze(pages)
-    return layer
+def _digest(document: bytes) -> bytes:
+    return hashlib.blake2b(document, digest_size=16).digest()
 
 
 def _line_words(line: Line) -> list[tuple[float, float, float, float, str]]:

@@ -113,6 +113,8 @@ class ParseRequest:
     scale: float = 2.0  # PDF render scale; bboxes are in the rendered pixels
     figures: bool = False  # attach each figure's crop as JPEG
     furniture: bool = False  # keep headers and footers in the markdown and chunks
+    # Pages whose text layer decides the document's style; None: the selected pages.
+    style_pages: tuple[int, ...] | None = None
     deadline_ms: float | None = None
 
 
@@ -388,6 +390,7 @@ def _parse_request(frame: Mapping[str, Any], request_id: RequestId, limits: Limi
         scale=_scale(frame, limits.max_render_scale),
         figures=_bool(frame, "figures", False),
         furniture=_bool(frame, "furniture", False),
+        style_pages=_pages(frame, "style_pages"),
         deadline_ms=_deadline(frame),
     )
 
@@ -502,21 +505,21 @@ def _bool(frame: Mapping[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-def _pages(frame: Mapping[str, Any]) -> tuple[int, ...] | None:
-    value = frame.get("pages")
+def _pages(frame: Mapping[str, Any], name: str = "pages") -> tuple[int, ...] | None:
+    value = frame.get(name)
     if value is None:
         return None
     if not isinstance(value, (list, tuple)) or not value:
-        raise bad_request("field 'pages' must be a non-empty array of 0-based page numbers")
+        raise bad_request(f"field {name!r} must be a non-empty array of 0-based page numbers")
     if len(value) > MAX_SELECTED_PAGES:
-        raise too_large(f"field 'pages' lists {len(value)} pages")
+        raise too_large(f"field {name!r} lists {len(value)} pages")
     for page in value:
         if isinstance(page, bool) or not isinstance(page, int) or not 0 <= page < MAX_PAGE:
             raise bad_request(
-                f"field 'pages' must hold integers in [0, {MAX_PAGE}), got {shown(page)}"
+                f"field {name!r} must hold integers in [0, {MAX_PAGE}), got {shown(page)}"
             )
     if len(set(value)) != len(value):
-        raise bad_request("field 'pages' lists a page more than once")
+        raise bad_request(f"field {name!r} lists a page more than once")
     return tuple(value)
 
 
@@ -552,3 +555,9 @@ def error_frame(request_id: RequestId | None, code: ErrorCode, message: str) -> 
 
 def done_frame(request_id: RequestId, finish_reason: str, **fields: Any) -> dict[str, Any]:
     return {"type": "done", "id": request_id, "finish_reason": finish_reason, **fields}
+
+
+def goaway_frame(reason: str) -> dict[str, Any]:
+    """The server is going away: requests in flight on this socket go on to their end; new
+    ones belong on another connection (which a load balancer sends to another replica)."""
+    return {"type": "goaway", "reason": reason}

@@ -9,8 +9,9 @@ answered with an HTTP status and never upgraded.
   then same-origin with itself, the Origin check alone would let it in. By default a loopback
   bind answers to ``localhost``, ``127.0.0.1`` and ``[::1]`` on any port; another bind answers
   to any host (``ragws serve`` warns), since only its operator knows the names clients use.
-  ``GET /health`` answers any host, for probes that address the server by its IP, and a
-  request with no ``Host`` (HTTP/1.0 programs; browsers always send one) is not checked.
+  ``GET /health`` and ``GET /ready`` answer any host, for probes that address the server by
+  its IP, and a request with no ``Host`` (HTTP/1.0 programs; browsers always send one) is not
+  checked.
 * **Origin** (``--allowed-origins``): browsers send ``Origin`` with every WebSocket handshake
   and let any page open a socket to any server, with the user's cookies and network position
   (cross-site WebSocket hijacking); they also let any page post a form anywhere. A handshake,
@@ -18,11 +19,11 @@ answered with an HTTP status and never upgraded.
   host and port of the request's ``Host``, itself checked above) nor in the allow-list gets
   ``403``. Clients that send no ``Origin`` (programs, not browsers) are not affected; ``*``
   allows every origin.
-* **API key** (``--api-key``): every request except ``GET /health`` (for load balancers and
-  orchestrators) and the viewer's static files (``/`` and ``/static/``, which hold no data)
-  must carry it, as ``Authorization: Bearer KEY`` or as the ``api_key`` query parameter
-  (browsers cannot set headers on a WebSocket). Keys are compared in constant time. A missing
-  or wrong key gets ``401``.
+* **API key** (``--api-key``): every request except ``GET /health`` and ``GET /ready`` (for
+  load balancers and orchestrators) and the viewer's static files (``/`` and ``/static/``,
+  which hold no data) must carry it, as ``Authorization: Bearer KEY`` or as the ``api_key``
+  query parameter (browsers cannot set headers on a WebSocket). Keys are compared in constant
+  time. A missing or wrong key gets ``401``.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from .protocol import shown
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: Paths served without a key: the health probe and the viewer's static files.
-PUBLIC_PATHS = ("/health", "/")
+#: Probes of load balancers and orchestrators: any host, no key (they address pods by IP).
+PROBE_PATHS = ("/health", "/ready")
+#: Paths served without a key: the probes and the viewer's static files.
+PUBLIC_PATHS = (*PROBE_PATHS, "/")
 PUBLIC_PREFIXES = ("/static/",)
 #: What a loopback bind answers to by default (any port).
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
@@ -122,7 +125,11 @@ def security_middleware(
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         host = request.headers.get("Host")
-        if host is not None and request.path != "/health" and not host_allowed(host, allowed_hosts):
+        if (
+            host is not None
+            and request.path not in PROBE_PATHS
+            and not host_allowed(host, allowed_hosts)
+        ):
             return refuse(
                 421,
                 "misdirected",

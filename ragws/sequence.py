@@ -43,6 +43,21 @@ class TokenEvent:
     score: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How a sequence draws its next token when it is not greedy (``Sequence.sampling`` None
+    is greedy: the argmax, the engine's exact path)."""
+
+    temperature: float = 1.0  # > 0
+    top_p: float = 1.0  # in (0, 1]: the smallest set of tokens holding this much probability
+    top_k: int = 0  # 0: every token; else only the k likeliest
+    seed: int | None = None  # None: a fresh random seed
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling settings: {self}")
+
+
 @dataclass(slots=True, eq=False)
 class Sequence:
     request_id: int  # engine-wide, unique; not the client's id (clients' ids collide)
@@ -52,6 +67,9 @@ class Sequence:
     stop_ids: frozenset[int]
     emit: Callable[[TokenEvent], None]
     ignore_eos: bool = False
+    sampling: Sampling | None = None  # None: greedy
+    stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
+    skip_special_tokens: bool = True  # leave special tokens out of the text
     status: SeqStatus = SeqStatus.WAITING
     slot: int | None = None
     output_ids: list[int] = field(default_factory=list)
@@ -60,6 +78,7 @@ class Sequence:
     scheduled_at: float | None = None
     first_token_at: float | None = None
     detok: Any = None  # the runner's incremental detokeniser state
+    rng: Any = None  # the runner's random generator, when sampling
     # Called on the engine thread when the sequence joins the running batch; must be
     # thread-safe (the OCR service disarms the request's deadline with it).
     on_start: Callable[[], None] | None = None

@@ -25,10 +25,11 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from . import __version__, protocol
+from . import __version__, openai_api, protocol, readiness
 from .admission import Admission
 from .config import Settings
 from .deadlines import MAX_DEADLINE_MS, DeadlineExceeded, deadline_scope
+from .fairness import client_scope, connection_key
 from .layout import LayoutService, PageLayout
 from .line_ocr import LineOcrService
 from .metrics import CONTENT_TYPE, Metrics
@@ -93,6 +94,8 @@ def create_app(
         ],
     )
     app.cleanup_ctx.append(_services_ctx(settings, layout_model, ocr_runner))
+    readiness.install(app, settings, SERVICES)  # GET /ready, refusals while draining, gauges
+    openai_api.install(app, SERVICES)  # GET /v1/models, POST /v1/chat/completions
     app.router.add_routes(
         [
             web.get("/ws", ws_handler),
@@ -229,8 +232,9 @@ def _services_ctx(
                 ),
             )
         metrics = Metrics()
-        # One pool decodes and preprocesses for both services, so their threads never add up
-        # to more than the cores the setting grants.
+        # One pool preprocesses for both services, so their threads never add up to more than
+        # the cores the setting grants (clients' files are decoded in the layout service's
+        # document workers, processes of their own).
         pool = ThreadPoolExecutor(
             settings.preprocess_threads or os.cpu_count() or 2, thread_name_prefix="ragws-prep"
         )
@@ -243,9 +247,9 @@ def _services_ctx(
         await layout.start()
         ocr_service: OcrBackend | None = None
         if isinstance(runner, PpOcrModels):
-            ocr_service = LineOcrService(runner, settings, metrics, pool)
+            ocr_service = LineOcrService(runner, settings, metrics, pool, layout.documents)
         elif runner is not None:
-            ocr_service = OcrService(runner, settings, metrics, pool)
+            ocr_service = OcrService(runner, settings, metrics, pool, layout.documents)
         if ocr_service is not None:
             await ocr_service.start()
         # The page models of the parse pipeline: table structure for tables without a text
@@ -299,6 +303,8 @@ def _services_ctx(
         metrics.websocket_send_queue_bytes.set_function(
             lambda: sum(session.queued_bytes() for session in sessions)
         )
+        receive = app[SERVICES].receive
+        metrics.receive_buffer_bytes.set_function(lambda: receive.held)
         try:
             yield
         finally:
@@ -382,6 +388,9 @@ async def health(request: web.Request) -> web.Response:
             "max_concurrent": services.admission.max_concurrent,
             # Frames and bodies still arriving (max_receive_buffer_mb).
             "receive_buffer_bytes": services.receive.held,
+            # Serving now (a killed one is being replaced), and tasks waiting for one.
+            "document_workers": services.layout.documents.workers,
+            "document_tasks_waiting": services.layout.documents.waiting(),
         },
         status=200 if healthy else 503,
     )
@@ -424,7 +433,9 @@ async def _admitted(
             )
         try:
             deadline_ms = _form_float(form, "deadline_ms", 0.0, 0.0, MAX_DEADLINE_MS)
-            with deadline_scope(deadline_ms / 1000 if deadline_ms else None):
+            deadline_s = deadline_ms / 1000 if deadline_ms else None
+            client = connection_key("http", _peer(request))  # each request is a client
+            with deadline_scope(deadline_s), client_scope(client):
                 return await serve(form)
         finally:
             services.admission.release()
@@ -780,10 +791,10 @@ def _url(site: web.TCPSite, settings: Settings) -> str:
 async def serve_forever(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully (used by ``ragws serve``).
 
-    Shutdown: stop listening; refuse new requests on open sockets (``overloaded``, "shutting
-    down"); give running requests up to ``shutdown_grace_s`` to finish; end the rest with
-    ``done`` / ``finish_reason: "shutdown"`` and close every socket with 1001; then release
-    the models.
+    The port answers from the start (503 "starting" while the models load). Shutdown is
+    :func:`ragws.readiness.drain`: ``/ready`` 503 and ``goaway`` first, then refusals (503,
+    ``overloaded`` on open sockets) with the listener still open, running requests given
+    ``shutdown_grace_s``, sockets closed with 1001; then the models are released.
     """
     if parse_hosts(settings.allowed_hosts, settings.host) is None and not settings.allowed_hosts:
         log.warning(
@@ -794,28 +805,27 @@ async def serve_forever(settings: Settings) -> None:
         )
     log.info("ragws %s: loading models…", __version__)
     runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None)
-    await runner.setup()  # loads the models; a bad model fails here, before binding
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    log.info("ready on %s (WebSocket at /ws, viewer at /)", _url(site, settings))
+    # Bound first, so that the port answers 503 "starting" while the models load.
+    sockets = readiness.bind(settings.host, settings.port)
+    try:
+        async with readiness.answering_while_starting(sockets):
+            await runner.setup()  # loads the models; a bad model fails here
+            sites = [web.SockSite(runner, sock) for sock in sockets]
+            for site in sites:
+                await site.start()
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    log.info("ready on %s (WebSocket at /ws, viewer at /)", _url(sites[0], settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
-        services = runner.app[SERVICES]
-        services.admission.draining = True
-        await site.stop()
-        inflight = services.admission.inflight
-        log.info(
-            "shutting down: %d request(s) in flight, up to %.0f s to finish",
-            inflight,
-            settings.shutdown_grace_s,
-        )
-        if not await services.admission.wait_idle(settings.shutdown_grace_s):
-            log.info("grace period over: ending %d request(s)", services.admission.inflight)
-        await asyncio.gather(*(session.shutdown() for session in list(services.sessions)))
+        app = runner.app
+        await readiness.drain(app[readiness.READINESS], app[SERVICES], settings)
     finally:
         await runner.cleanup()
     log.info("stopped")

@@ -61,6 +61,9 @@ class _BatchedModel:
     def healthy(self) -> bool:
         return self._batcher is not None and self._batcher.healthy
 
+    def queue_depth(self) -> int:
+        return self._batcher.queue_depth() if self._batcher is not None else 0
+
     async def start(self) -> None:
         self._batcher = DynamicBatcher(self._run_batch, **self._args)
         self._batcher.start()

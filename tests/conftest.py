@@ -1,4 +1,5 @@
-"""Shared fixtures: the real fixture documents, one loaded layout model, servers on loopback."""
+"""Shared fixtures: the documents the tests write for themselves (tests/documents.py), the real
+paper for the few checks that need it, one loaded layout model, servers on loopback."""
 
 from __future__ import annotations
 
@@ -18,17 +19,52 @@ from aiohttp import web
 from ragws.config import Settings
 from ragws.server import create_app
 
+from . import documents
+
+#: The shared fixtures folder beside the repository: optional, for benchmarks and the few
+#: checks against the real paper (tests/documents.py writes everything else).
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-PAPER = FIXTURES / "2310.01889v4.pdf"
+REAL_PAPER = FIXTURES / "2310.01889v4.pdf"
 
 
 @pytest.fixture(scope="session")
-def paper_pdf() -> bytes:
-    if not PAPER.is_file():
+def paper() -> documents.Paper:
+    """A born-digital two-column paper written for the tests (see tests/documents.py)."""
+    return documents.write_paper()
+
+
+@pytest.fixture(scope="session")
+def paper_pdf(paper: documents.Paper) -> bytes:
+    return paper.pdf
+
+
+@pytest.fixture(scope="session")
+def table_png(paper: documents.Paper) -> bytes:
+    """Table 1 with its caption, cut from a 144 dpi render of its page, as a scan of it."""
+    return paper.crop_png(documents.TABLES_PAGE, paper.tables[0])
+
+
+@pytest.fixture(scope="session")
+def title_png(paper: documents.Paper) -> bytes:
+    """The paper's title and authors, cut from a 144 dpi render of its first page."""
+    return paper.crop_png(0, paper.title_block)
+
+
+@pytest.fixture(scope="session")
+def documents_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The written documents as files: paper.pdf, table1.png, table2.png, title.png."""
+    return documents.write_fixtures(tmp_path_factory.mktemp("documents"))
+
+
+@pytest.fixture(scope="session")
+def real_paper() -> bytes:
+    """arXiv 2310.01889v4 from the shared fixtures folder, for checks of that exact paper."""
+    if not REAL_PAPER.is_file():
         pytest.skip(
-            f"fixture document missing: {PAPER} (the shared/fixtures folder beside the repo)"
+            f"checks the real paper {REAL_PAPER.name}, which is not there: {FIXTURES} is the "
+            "optional shared fixtures folder beside the repository"
         )
-    return PAPER.read_bytes()
+    return REAL_PAPER.read_bytes()
 
 
 def render_png(pdf: bytes, page: int, scale: float = 1.0) -> bytes:

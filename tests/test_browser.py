@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pymupdf
 import pytest
 
-from .conftest import FIXTURES, PAPER, render_png
+from . import documents
+from .conftest import render_png
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "test-output" / "browser"
@@ -30,6 +32,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
 ]
 TIMEOUT_MS = 60_000
+TITLE_START = " ".join(documents.TITLE.split()[:2])  # on the title's first line
 
 
 def _require_browser() -> None:
@@ -136,7 +139,7 @@ async def wait_metric(server: Any, name: str, labels: dict[str, str], value: flo
     return got
 
 
-async def test_viewer_pages_regions_ocr_stop_parse(start_server, browser, paper_pdf):
+async def test_viewer_pages_regions_ocr_stop_parse(start_server, browser, documents_dir):
     from playwright.async_api import expect
 
     server = await start_server(ocr_line_batch_size=1)  # a region's lines stream one by one
@@ -146,15 +149,16 @@ async def test_viewer_pages_regions_ocr_stop_parse(start_server, browser, paper_
     await viewer.shot("01-connected")
 
     # Open the paper: pages appear as they are rendered, with their regions.
-    await viewer.page.set_input_files("#file-input", str(PAPER))
+    await viewer.page.set_input_files("#file-input", str(documents_dir / "paper.pdf"))
     first = viewer.page.locator('.page[data-page="0"] .region')
     await expect(first.first).to_be_attached()
     assert await first.count() > 5
-    await expect(viewer.get("message")).to_contain_text("16 of 16 pages analysed")
-    await expect(viewer.get("page")).to_have_count(16)
+    pages = documents.PAGES
+    await expect(viewer.get("message")).to_contain_text(f"{pages} of {pages} pages analysed")
+    await expect(viewer.get("page")).to_have_count(pages)
     assert await viewer.page.eval_on_selector_all(
         ".page", "pages => pages.map(p => Number(p.dataset.page))"
-    ) == list(range(16))
+    ) == list(range(pages))
     legend = viewer.get("legend-item")
     classes = await legend.evaluate_all("items => items.map(i => i.dataset.class)")
     assert {"title", "text", "figure"} <= set(classes), classes
@@ -169,7 +173,7 @@ async def test_viewer_pages_regions_ocr_stop_parse(start_server, browser, paper_
 
     # The title region: its text streams into the side panel.
     await viewer.region(*await viewer.region_index(0, "title", "top")).click()
-    await expect(viewer.get("ocr-text")).to_contain_text("Ring Attention")
+    await expect(viewer.get("ocr-text")).to_contain_text(TITLE_START)
     await expect(viewer.get("ocr-status")).to_have_attribute("data-state", "done")
     await expect(viewer.get("ocr-region")).to_have_text("title on page 1")
     await viewer.shot("03-ocr-title")
@@ -197,48 +201,45 @@ async def test_viewer_pages_regions_ocr_stop_parse(start_server, browser, paper_
     )
     await expect(viewer.page.locator('#parse-page-list li[data-state="done"]')).to_have_count(2)
     heading = viewer.get("markdown-rendered").locator("h1")
-    await expect(heading).to_contain_text("Ring Attention")
+    await expect(heading).to_contain_text(TITLE_START)
     assert await viewer.get("markdown-rendered").locator("p").count() > 3
     await expect(viewer.get("parse-summary")).to_contain_text("chunk")
     await viewer.shot("05-parsed")
 
     await viewer.get("view-raw").click()
     await expect(viewer.get("markdown-raw")).to_be_visible()
-    await expect(viewer.get("markdown-raw")).to_contain_text("# Ring Attention")
+    await expect(viewer.get("markdown-raw")).to_contain_text(f"# {TITLE_START}")
     await expect(viewer.get("markdown-rendered")).to_be_hidden()
     await viewer.shot("06-parsed-raw")
 
     async with viewer.page.expect_download() as download_md:
         await viewer.get("download-md").click()
     download = await download_md.value
-    assert download.suggested_filename == "2310.01889v4.md"
-    assert "\n# Ring Attention with Blockwise" in "\n" + Path(await download.path()).read_text()
+    assert download.suggested_filename == "paper.md"
+    assert f"\n# {TITLE_START}" in "\n" + Path(await download.path()).read_text()
     async with viewer.page.expect_download() as download_json:
         await viewer.get("download-json").click()
     download = await download_json.value
-    assert download.suggested_filename == "2310.01889v4.json"
+    assert download.suggested_filename == "paper.json"
     import json
 
     body_json = json.loads(Path(await download.path()).read_text())
     assert [p["page"] for p in body_json["pages"]] == [0, 1]
-    assert body_json["chunks"] and body_json["markdown"].startswith("# Ring Attention")
+    assert body_json["chunks"] and body_json["markdown"].startswith(f"# {TITLE_START}")
 
     # A page range past the end is caught before anything is sent.
-    await viewer.get("parse-pages").fill("15-17")
+    await viewer.get("parse-pages").fill(f"{pages - 1}-{pages + 1}")
     await viewer.get("parse-button").click()
     await expect(viewer.get("parse-status")).to_have_attribute("data-state", "error")
-    await expect(viewer.get("parse-status")).to_contain_text("16 pages")
+    await expect(viewer.get("parse-status")).to_contain_text(f"{pages} pages")
     assert viewer.errors == []
 
 
-async def test_viewer_image_by_drop_and_errors(start_server, browser, tmp_path):
+async def test_viewer_image_by_drop_and_errors(start_server, browser, tmp_path, table_png):
     """An image dropped on the page: shown, its layout drawn, a region read; a file the
     server cannot read: its error in plain words."""
     from playwright.async_api import expect
 
-    table = FIXTURES / "table1.png"
-    if not table.is_file():
-        pytest.skip(f"fixture image missing: {table}")
     server = await start_server()
     viewer = Viewer(await browser.new_page(viewport={"width": 1200, "height": 800}), "image")
     await viewer.open(server.url)
@@ -254,7 +255,7 @@ async def test_viewer_image_by_drop_and_errors(start_server, browser, tmp_path):
     await viewer.shot("01-bad-image")
 
     # Drag and drop, as a person would from a file manager.
-    data = base64.b64encode(table.read_bytes()).decode()
+    data = base64.b64encode(table_png).decode()
     transfer = await viewer.page.evaluate_handle(
         """(data) => {
             const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
@@ -277,14 +278,51 @@ async def test_viewer_image_by_drop_and_errors(start_server, browser, tmp_path):
 
     await viewer.region(*await viewer.region_index(0, "table", "largest")).click()
     await expect(viewer.get("ocr-status")).to_have_attribute("data-state", "done")
-    await expect(viewer.get("ocr-text")).to_contain_text("Layer Type")
+    await expect(viewer.get("ocr-text")).to_contain_text("Memory (GB)")
     await viewer.shot("02-image-ocr")
 
     await viewer.get("parse-button").click()
     await expect(viewer.get("parse-status")).to_have_attribute("data-state", "done")
-    await expect(viewer.get("markdown-raw")).to_contain_text("Layer Type")
+    await expect(viewer.get("markdown-raw")).to_contain_text("Memory (GB)")
     await viewer.shot("03-image-parsed")
     assert viewer.errors == []
+
+
+PANEL_HITS = """() => {
+  // What a tap at points across the docked results panel would reach.
+  const panel = document.getElementById("panel");
+  const r = panel.getBoundingClientRect();
+  const points = [
+    [r.left + r.width / 2, r.top + r.height / 2],
+    [r.left + r.width / 4, r.top + 20],
+    [r.left + (3 * r.width) / 4, r.top + 20],
+    [r.left + 20, r.bottom - 20],
+  ];
+  return points.map(([x, y]) => {
+    const hit = document.elementFromPoint(x, y);
+    return panel.contains(hit) ? "panel" : `${hit?.tagName}.${hit?.className}`;
+  });
+}"""
+
+
+async def touch_drag(page: Any, start: tuple[float, float], end: tuple[float, float]) -> float:
+    """A one-finger drag, as the touchscreen sends it (Playwright's own API only taps).
+    Returns how far the page scrolled while the finger was down."""
+    cdp = await page.context.new_cdp_session(page)
+    send = cdp.send
+    before = await page.evaluate("scrollY")
+    await send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [point(start)]})
+    for step in range(1, 9):
+        at = (start[0] + (end[0] - start[0]) * step / 8, start[1] + (end[1] - start[1]) * step / 8)
+        await send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point(at)]})
+    scrolled = await page.evaluate("scrollY") - before
+    await send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    await cdp.detach()
+    return scrolled
+
+
+def point(at: tuple[float, float]) -> dict[str, float]:
+    return {"x": at[0], "y": at[1]}
 
 
 async def test_viewer_at_phone_width(start_server, browser, paper_pdf):
@@ -292,7 +330,9 @@ async def test_viewer_at_phone_width(start_server, browser, paper_pdf):
 
     server = await start_server()
     viewer = Viewer(
-        await browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True),
+        await browser.new_page(
+            viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+        ),
         "phone",
     )
     await viewer.open(server.url)
@@ -312,18 +352,68 @@ async def test_viewer_at_phone_width(start_server, browser, paper_pdf):
     await viewer.shot("02-pages")
 
     await viewer.region(*await viewer.region_index(0, "title", "top")).click()
-    await expect(viewer.get("ocr-text")).to_contain_text("Ring Attention")
+    await expect(viewer.get("ocr-text")).to_contain_text(TITLE_START)
     await expect(viewer.get("ocr-text")).to_be_in_viewport()
     assert await viewer.horizontal_overflow() == 0
     await viewer.shot("03-ocr")
+
+    # A large region selected, its lines marked, scrolled under the docked panel: the panel
+    # stays on top of it, to the eye and to the finger.
+    body = viewer.region(*await viewer.region_index(0, "text", "largest"))
+    await body.click()
+    await expect(viewer.get("ocr-status")).to_have_attribute("data-state", "done")
+    await expect(body).to_have_attribute("aria-pressed", "true")
+    panel_box = await viewer.page.locator("#panel").bounding_box()
+    region_box = await body.bounding_box()
+    middle = region_box["y"] + region_box["height"] / 2
+    await viewer.page.evaluate("(dy) => window.scrollBy(0, dy)", middle - panel_box["y"])
+    await viewer.page.wait_for_function(
+        """(id) => {
+            const region = document.querySelector(id).getBoundingClientRect();
+            const panel = document.getElementById("panel").getBoundingClientRect();
+            return region.top < panel.top && region.bottom > panel.top + 40;
+        }""",
+        arg=f'.page[data-page="0"] .region[data-index="{await body.get_attribute("data-index")}"]',
+    )
+    assert await viewer.page.locator(".ocr-line").count() > 0
+    assert await viewer.page.evaluate(PANEL_HITS) == ["panel"] * 4
+    await viewer.shot("04-region-under-panel")
+    await viewer.get("tab-parse").click(timeout=5_000)  # fails if anything intercepts it
+    await expect(viewer.get("tab-parse")).to_have_attribute("aria-selected", "true")
+    await viewer.get("tab-ocr").click(timeout=5_000)
+    await expect(viewer.get("ocr-text")).to_be_visible()
+
+    # Draw mode on page 2, then a finger drags a rectangle over its top: the page does not
+    # scroll, and the drawn region is read.
+    second = viewer.page.locator('.page[data-page="1"]')
+    await second.get_by_test_id("draw-toggle").tap()
+    await expect(second.get_by_test_id("draw-toggle")).to_have_attribute("aria-pressed", "true")
+    await second.locator("img").evaluate("img => img.scrollIntoView({block: 'start'})")
+    sheet = await second.locator("img").bounding_box()
+    scrolled = await touch_drag(
+        viewer.page,
+        (sheet["x"] + 0.1 * sheet["width"], sheet["y"] + 0.08 * sheet["height"]),
+        (sheet["x"] + 0.9 * sheet["width"], sheet["y"] + 0.3 * sheet["height"]),
+    )
+    assert scrolled == 0  # the finger drew; it did not pan the page
+    drawn = second.locator('.region[data-class="drawn"]')
+    await expect(drawn).to_have_count(1)
+    await expect(drawn).to_have_attribute("aria-pressed", "true")
+    await expect(viewer.get("ocr-region")).to_have_text("drawn region on page 2")
+    await expect(viewer.get("ocr-status")).to_have_attribute("data-state", "done")
+    assert len((await viewer.get("ocr-text").text_content()).split()) > 10
+    assert await viewer.page.evaluate(PANEL_HITS) == ["panel"] * 4
+    await viewer.shot("05-drawn-by-touch")
+    await viewer.page.keyboard.press("Escape")
+    await expect(second.get_by_test_id("draw-toggle")).to_have_attribute("aria-pressed", "false")
 
     await viewer.get("parse-button").click()
     await expect(viewer.get("parse-status")).to_have_attribute(
         "data-state", "done", timeout=120_000
     )
-    await expect(viewer.get("markdown-rendered").locator("h1")).to_contain_text("Ring Attention")
+    await expect(viewer.get("markdown-rendered").locator("h1")).to_contain_text(TITLE_START)
     assert await viewer.horizontal_overflow() == 0
-    await viewer.shot("04-parsed")
+    await viewer.shot("06-parsed")
     assert viewer.errors == []
 
 
@@ -347,12 +437,174 @@ async def test_viewer_keyboard(start_server, browser, paper_pdf):
     start = await focusable.get_attribute("data-index")
     await focusable.focus()
     await viewer.page.keyboard.press("Enter")
-    await expect(viewer.get("ocr-text")).to_contain_text("Ring Attention")
+    await expect(viewer.get("ocr-text")).to_contain_text(TITLE_START)
     await viewer.page.keyboard.press("ArrowDown")
     moved = await viewer.page.evaluate("document.activeElement.dataset.index")
     assert moved is not None and moved != start
     await expect(focusable).to_have_attribute("data-index", moved)
     await viewer.shot("01-focus")
+    assert viewer.errors == []
+
+
+LINE = "Harbour lanterns glow amber over quiet water"
+BELOW = "Distant mountains remain silent"
+
+
+def words_pdf() -> tuple[bytes, dict[str, pymupdf.Rect]]:
+    """Two pages; the second holds LINE and, well below it, BELOW. Returns the PDF and where
+    each word of them is on page 2, in PDF points."""
+    with pymupdf.open() as doc:
+        doc.new_page(width=595, height=842).insert_text((72, 100), "A first page", fontsize=20)
+        page = doc.new_page(width=595, height=842)
+        page.insert_text((72, 360), LINE, fontsize=16)
+        page.insert_text((72, 440), BELOW, fontsize=16)
+        words = {w[4]: pymupdf.Rect(w[:4]) for w in page.get_text("words")}
+        return doc.tobytes(), words
+
+
+class Frames:
+    """The msgpack frames of a page's WebSockets, both ways."""
+
+    def __init__(self, page: Any) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.received: list[dict[str, Any]] = []
+        page.on("websocket", self._socket)
+
+    def _socket(self, ws: Any) -> None:
+        ws.on("framesent", lambda data: self._keep(self.sent, data))
+        ws.on("framereceived", lambda data: self._keep(self.received, data))
+
+    @staticmethod
+    def _keep(into: list[dict[str, Any]], data: bytes | str) -> None:
+        if isinstance(data, bytes):
+            into.append(msgpack.unpackb(data))
+
+    def ocr(self) -> list[dict[str, Any]]:
+        return [f for f in self.sent if f.get("type") == "ocr"]
+
+    def page(self, number: int) -> dict[str, Any]:
+        return next(f for f in self.received if f.get("type") == "page" and f["page"] == number)
+
+
+async def test_viewer_draw_a_region_to_read_it(start_server, browser):
+    """Draw mode on a page: a mouse drag draws a rectangle, sent as `ocr` with that page's
+    image and the box in its pixels; the words under it are read, and the rectangle stays a
+    region that can be read again. A tiny drag and a drag cancelled with Escape send nothing;
+    a drag past the page's edge is held to it; Shift+drag draws without the mode."""
+    from playwright.async_api import expect
+
+    pdf, words = words_pdf()
+    server = await start_server()
+    viewer = Viewer(await browser.new_page(viewport={"width": 1200, "height": 900}), "draw")
+    frames = Frames(viewer.page)
+    await viewer.open(server.url)
+    await viewer.page.set_input_files(
+        "#file-input", {"name": "words.pdf", "mimeType": "application/pdf", "buffer": pdf}
+    )
+    await expect(viewer.get("message")).to_contain_text("2 of 2 pages analysed")
+    second = viewer.page.locator('.page[data-page="1"]')
+    toggle = second.get_by_test_id("draw-toggle")
+    await expect(toggle).to_have_attribute("aria-label", re.compile(r"^Draw region on page 2"))
+
+    # The toggle works from the keyboard.
+    await toggle.focus()
+    await viewer.page.keyboard.press("Space")
+    await expect(toggle).to_have_attribute("aria-pressed", "true")
+    await expect(second).to_have_class(re.compile(r"\bdrawing\b"))
+    await expect(viewer.page.locator('.page[data-page="0"]')).not_to_have_class(
+        re.compile(r"\bdrawing\b")
+    )
+    img = second.locator("img")
+    await img.scroll_into_view_if_needed()
+    rendered = frames.page(1)
+    sheet = await img.bounding_box()
+    per_pixel = sheet["width"] / rendered["width"]
+
+    def screen(x: float, y: float) -> tuple[float, float]:
+        """A point of the rendered page (pixels) on the screen."""
+        return sheet["x"] + x * per_pixel, sheet["y"] + y * per_pixel
+
+    async def drag(start: tuple[float, float], end: tuple[float, float]) -> None:
+        await viewer.page.mouse.move(*start)
+        await viewer.page.mouse.down()
+        await viewer.page.mouse.move(*end, steps=6)
+        await viewer.page.mouse.up()
+
+    # From the gap before "lanterns" to the gap after "amber", in the rendered page's pixels.
+    scale = rendered["width"] / 595
+    x0 = (words["Harbour"].x1 + words["lanterns"].x0) / 2 * scale
+    x1 = (words["amber"].x1 + words["over"].x0) / 2 * scale
+    y0 = (words["lanterns"].y0 - 6) * scale
+    y1 = (words["lanterns"].y1 + 6) * scale
+
+    # A slip of the hand, and a drag called off: nothing drawn, nothing sent.
+    await drag(screen(x0, y0), screen(x0 + 2 / per_pixel, y0 + 2 / per_pixel))
+    await viewer.page.mouse.move(*screen(x0, y0))
+    await viewer.page.mouse.down()
+    await viewer.page.mouse.move(*screen(x1, y1), steps=4)
+    await expect(viewer.get("draw-box")).to_be_visible()
+    await viewer.page.keyboard.press("Escape")
+    await expect(viewer.get("draw-box")).to_have_count(0)
+    await viewer.page.mouse.up()
+    await expect(toggle).to_have_attribute("aria-pressed", "true")  # Escape ended the drag only
+    drawn = second.locator('.region[data-class="drawn"]')
+    assert await drawn.count() == 0 and frames.ocr() == []
+
+    await drag(screen(x0, y0), screen(x1, y1))
+    await expect(drawn).to_have_count(1)
+    await expect(drawn).to_have_attribute("aria-pressed", "true")
+    await expect(viewer.get("ocr-region")).to_have_text("drawn region on page 2")
+    await expect(viewer.get("ocr-status")).to_have_attribute("data-state", "done")
+    text = await viewer.get("ocr-text").text_content()
+    assert "lanterns glow amber" in text, text
+    assert not {"Harbour", "water", "mountains"} & set(text.split()), text
+    await viewer.shot("01-drawn")
+
+    # The request: page 2's own image, and the box as drawn, in that image's pixels.
+    (sent,) = frames.ocr()
+    assert sent["image"] == rendered["image"]
+    assert sent["box"] == pytest.approx([x0, y0, x1, y1], abs=3), (sent["box"], [x0, y0, x1, y1])
+    legend = viewer.get("legend-item").filter(has_text="drawn")
+    await expect(legend.locator(".count")).to_have_text("1")
+
+    # Out of draw mode, Shift+drag still draws (here over BELOW, from its far corner), and
+    # only the drawn region is read, not one the drag began on.
+    await viewer.page.keyboard.press("Escape")
+    await expect(toggle).to_have_attribute("aria-pressed", "false")
+    await expect(second).not_to_have_class(re.compile(r"\bdrawing\b"))
+    below = words["Distant"] | words["silent"]
+    await viewer.page.keyboard.down("Shift")
+    await drag(
+        screen((below.x1 + 8) * scale, (below.y1 + 6) * scale),
+        screen((below.x0 - 8) * scale, (below.y0 - 6) * scale),
+    )
+    await viewer.page.keyboard.up("Shift")
+    await expect(drawn).to_have_count(2)
+    await expect(viewer.get("ocr-status")).to_have_attribute("data-state", "done")
+    await expect(viewer.get("ocr-text")).to_contain_text(BELOW)
+    await expect(viewer.get("ocr-region")).to_have_text("drawn region on page 2")
+    assert len(frames.ocr()) == 2
+    await expect(drawn.first).to_have_attribute("aria-pressed", "false")
+
+    # The first drawn rectangle stays a region like the others: select it, it is read again.
+    await drawn.first.click()
+    await expect(drawn.first).to_have_attribute("aria-pressed", "true")
+    await expect(viewer.get("ocr-status")).to_have_attribute("data-state", "done")
+    await expect(viewer.get("ocr-text")).to_contain_text("lanterns glow amber")
+    assert [f["box"] for f in frames.ocr()][2:] == [sent["box"]]
+
+    # A drag past the bottom-right corner: the box stops at the page's edge.
+    await toggle.click()
+    await img.evaluate("img => img.scrollIntoView({block: 'end'})")
+    sheet = await img.bounding_box()
+    await drag(
+        screen(rendered["width"] - 200, rendered["height"] - 150),
+        (sheet["x"] + sheet["width"] + 60, sheet["y"] + sheet["height"] + 12),
+    )
+    await expect(drawn).to_have_count(3)
+    await expect(viewer.get("ocr-status")).to_have_attribute("data-state", "done")
+    corner = frames.ocr()[-1]["box"]
+    assert corner[2:] == [rendered["width"], rendered["height"]], corner
     assert viewer.errors == []
 
 
@@ -809,7 +1061,8 @@ async def test_viewer_shows_parsed_blocks_by_type(start_server, browser, paper_p
     from playwright.async_api import expect
 
     with pymupdf.open(stream=paper_pdf, filetype="pdf") as src, pymupdf.open() as out:
-        out.insert_pdf(src, from_page=4, to_page=4)  # the paper's page 5: two tables
+        page = documents.TABLES_PAGE  # two tables
+        out.insert_pdf(src, from_page=page, to_page=page)
         tables_page = out.tobytes()
     server = await start_server()
     viewer = Viewer(await browser.new_page(viewport={"width": 1440, "height": 1000}), "blocks")

@@ -46,17 +46,15 @@ from ragws.client import (
     RagwsError,
 )
 
-from .conftest import FIXTURES, Server, render_png
+from . import documents
+from .conftest import Server, render_png
+from .documents import PAGES
 
-TITLE = "# Ring Attention with Blockwise Transformers for Near-Infinite Context"
-
-
-@pytest.fixture(scope="module")
-def table_png() -> bytes:
-    path = FIXTURES / "table1.png"
-    if not path.is_file():
-        pytest.skip(f"fixture image missing: {path}")
-    return path.read_bytes()
+TITLE = f"# {documents.TITLE}"
+#: How the OCR of ``table_png`` (Table 1 and its caption) begins.
+TABLE_START = "Table 1: Memory per device"
+#: The lines of ``table_png``: its caption and each cell of its seven rows of four.
+TABLE_LINES = 1 + 7 * 4
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +121,7 @@ async def test_pdf_pages_stream_then_summary(start_server, paper_pdf):
     jpeg = Image.open(io.BytesIO(first.image or b""))
     assert jpeg.format == "JPEG" and jpeg.size == (first.width, first.height)
     summary = stream.result
-    assert (summary.finish_reason, summary.pages, summary.page_count) == ("stop", 2, 16)
+    assert (summary.finish_reason, summary.pages, summary.page_count) == ("stop", 2, PAGES)
     assert summary.timing["pages_per_s"] > 0
 
 
@@ -136,7 +134,7 @@ async def test_ocr_tokens_add_up_to_the_result(start_server, table_png):
     result = stream.result
     assert len(tokens) >= 10
     assert "".join(token.text for token in tokens) == result.text
-    assert result.text.startswith("Table 1: Maximum path lengths")
+    assert result.text.startswith(TABLE_START)
     assert result.finish_reason == "stop"
     assert result.usage["completion_tokens"] == len(tokens)
     assert result.timing["total_ms"] >= result.timing["ttft_ms"] > 0
@@ -159,7 +157,7 @@ async def test_parse_streams_pages_then_the_document(start_server, paper_pdf):
     doc = stream.result
     assert sorted(page.page for page in pages) == [0, 1]
     assert [page.page for page in doc.pages] == [0, 1]
-    assert doc.finish_reason == "stop" and doc.page_count == 16
+    assert doc.finish_reason == "stop" and doc.page_count == PAGES
     assert TITLE in doc.markdown
     for page in doc.pages:
         assert page.source == "pdf" and page.markdown and page.markdown in doc.markdown
@@ -167,7 +165,7 @@ async def test_parse_streams_pages_then_the_document(start_server, paper_pdf):
         for block in page.blocks:
             x0, y0, x1, y1 = block.bbox
             assert 0 <= x0 < x1 <= page.width + 1 and 0 <= y0 < y1 <= page.height + 1
-    assert len(doc.chunks) >= 3 and "Ring Attention" in doc.chunks[0].text
+    assert len(doc.chunks) >= 3 and documents.TITLE in doc.chunks[0].text
     assert all(set(chunk.pages) <= {0, 1} and chunk.bboxes for chunk in doc.chunks)
     assert again.markdown == doc.markdown and again.chunks == doc.chunks
     assert image_error.value.code == "bad_request" and "image" in image_error.value.message
@@ -176,8 +174,10 @@ async def test_parse_streams_pages_then_the_document(start_server, paper_pdf):
 async def test_server_errors_raise_and_the_socket_stays_usable(
     start_server, paper_pdf, two_page_pdf
 ):
-    server = await start_server(max_frame_bytes=1024 * 1024)
-    assert len(two_page_pdf) < 1024 * 1024 < len(paper_pdf)
+    # A frame limit between the two documents' sizes: the whole paper is over it.
+    limit = (len(two_page_pdf) + len(paper_pdf)) // 2
+    server = await start_server(max_frame_bytes=limit)
+    assert len(two_page_pdf) < limit < len(paper_pdf)
     async with AsyncClient.connect(server.ws_url) as client:
         with pytest.raises(RagwsError) as bad_image:
             await client.layout(b"this is not an image")
@@ -200,7 +200,7 @@ async def test_server_errors_raise_and_the_socket_stays_usable(
 
 
 async def test_leaving_an_ocr_stream_early_cancels_it(start_server, table_png):
-    # Small recognition batches: the table's 24 lines take several, so there is work to stop.
+    # Small recognition batches: the table's lines take several, so there is work to stop.
     server = await start_server(ocr_line_batch_size=4)
     async with AsyncClient.connect(server.ws_url) as client:
         async for token in client.ocr(table_png):
@@ -212,7 +212,7 @@ async def test_leaving_an_ocr_stream_early_cancels_it(start_server, table_png):
         await asyncio.sleep(1.0)  # a batch already in the model finishes there
         lines = await server.metric("ragws_ocr_lines_total")
         await asyncio.sleep(1.0)
-        assert await server.metric("ragws_ocr_lines_total") == lines < 24  # no more lines read
+        assert await server.metric("ragws_ocr_lines_total") == lines < TABLE_LINES  # no more
         assert client.connected  # cancelled by a frame, not by closing the socket
 
 
@@ -229,7 +229,7 @@ async def test_closing_a_parse_stream_cancels_its_pages(start_server, paper_pdf)
         assert await server.metric("ragws_inflight_requests") == 0
         parsed = await parsed_pages_total(server)
         await asyncio.sleep(1.0)
-        assert parsed == await parsed_pages_total(server) < 16
+        assert parsed == await parsed_pages_total(server) < PAGES
         with pytest.raises(RuntimeError):
             stream.result  # noqa: B018 (closed before its end: no result)
 
@@ -245,7 +245,7 @@ async def test_cancel_by_id_ends_the_stream_as_cancelled(start_server, paper_pdf
                 assert await client.cancel(stream.id) is True
         assert await client.cancel(stream.id) is False  # no longer in flight
     assert stream.result.finish_reason == "cancelled"
-    assert len(pages) < 16
+    assert len(pages) < PAGES
     labels = {"type": "pdf", "outcome": "cancelled"}
     assert await server.metric("ragws_requests_total", labels) == 1
 
@@ -269,17 +269,21 @@ async def test_concurrent_requests_share_one_socket(start_server, paper_pdf, tab
     assert [layout.width for layout in layouts] == [612, 918, 1224]
     assert pages == [3, 4, 5]
     assert TITLE in doc.markdown
-    assert text.startswith("Table 1: Maximum path lengths")
+    assert text.startswith(TABLE_START)
 
 
 async def test_reconnects_after_the_server_closes_the_socket(start_server, paper_pdf):
-    server = await start_server(max_frame_bytes=4 * 1024 * 1024)
+    # Room for the paper's frame and little more: the frame over the limit is small enough
+    # to be written whole before the server, reading its header, closes the socket (a larger
+    # one can still be on its way, its write failing with the connection, code 1006).
+    limit = len(paper_pdf) + 64 * 1024
+    server = await start_server(max_frame_bytes=limit)
     png = render_png(paper_pdf, 0, scale=1.0)
     async with AsyncClient.connect(server.ws_url, backoff=0.05) as client:
         stream = client.pdf(paper_pdf, scale=2.0)
         assert (await stream.__anext__()).classes
         # A frame over max_frame_bytes makes the server close the socket (1009).
-        await client._conn.ws.send_bytes(b"\0" * (5 * 1024 * 1024))
+        await client._conn.ws.send_bytes(b"\0" * (limit + 1))
         with pytest.raises(RagwsError) as dropped:
             async for _ in stream:
                 pass
@@ -387,7 +391,7 @@ async def test_sync_client(start_server, paper_pdf, table_png):
     out = await asyncio.to_thread(use)
     assert out["hello"].models["layout"] == "embedded"
     assert "title" in out["layout"].classes
-    assert out["pages"] == [0, 1] and out["summary"].page_count == 16
+    assert out["pages"] == [0, 1] and out["summary"].page_count == PAGES
     assert "".join(t.text for t in out["tokens"]) == out["ocr"].text
     assert out["ocr"].text.startswith("Table 1")
     assert TITLE in out["doc"].markdown
@@ -418,7 +422,7 @@ async def test_cli_parse_writes_results_and_reports_failures(start_server, two_p
     server = await start_server()
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "ring.pdf").write_bytes(two_page_pdf)
+    (docs / "paper.pdf").write_bytes(two_page_pdf)
     (docs / "broken.pdf").write_bytes(b"%PDF-1.7\n" + b"\0 not really a pdf " * 50)
     (docs / "notes.txt").write_text("not a document: a directory input skips it")
     out = tmp_path / "out"
@@ -429,16 +433,16 @@ async def test_cli_parse_writes_results_and_reports_failures(start_server, two_p
     failures = [line for line in stderr.splitlines() if "(bad_request)" in line]
     assert len(failures) == 1 and str(docs / "broken.pdf") in failures[0], stderr
     assert "1 of 2 documents" in stderr
-    assert sorted(p.name for p in out.iterdir()) == ["ring.json", "ring.md"]
-    markdown = (out / "ring.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["paper.json", "paper.md"]
+    markdown = (out / "paper.md").read_text()
     assert TITLE in markdown
-    record = json.loads((out / "ring.json").read_text())
-    assert record["file"] == "ring.pdf" and record["page_count"] == 2
+    record = json.loads((out / "paper.json").read_text())
+    assert record["file"] == "paper.pdf" and record["page_count"] == 2
     assert record["markdown"] == markdown
     assert [page["page"] for page in record["pages"]] == [0, 1]
     assert all(page["blocks"] and page["markdown"] for page in record["pages"])
     assert {"type", "bbox", "text", "order", "source"} <= set(record["pages"][0]["blocks"][0])
-    assert record["chunks"] and "Ring Attention" in record["chunks"][0]["text"]
+    assert record["chunks"] and documents.TITLE in record["chunks"][0]["text"]
     assert record["timing"]["total_ms"] > 0
 
 

@@ -36,7 +36,7 @@ from ragws.models.doclayout_yolo import (
     letterbox,
 )
 
-from .conftest import PAPER
+from .conftest import render_rgb
 
 DOCSTRUCTBENCH = (
     "title",
@@ -89,25 +89,13 @@ def model(checkpoint: Path) -> DocLayoutYoloModel:
     return DocLayoutYoloModel(str(checkpoint), imgsz=TEST_IMGSZ)
 
 
-def render(page: int, scale: float) -> np.ndarray:
-    import pymupdf
-
-    if not PAPER.is_file():
-        pytest.skip(
-            f"fixture document missing: {PAPER} (the shared/fixtures folder beside the repo)"
-        )
-    with pymupdf.open(PAPER) as doc:
-        pix = doc[page].get_pixmap(matrix=pymupdf.Matrix(scale, scale), alpha=False)
-        return np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.width, 3).copy()
-
-
 @pytest.fixture(scope="module")
-def pages() -> list[np.ndarray]:
+def pages(paper_pdf: bytes) -> list[np.ndarray]:
     """Three pages of different shapes: two renders of the paper and a synthetic landscape."""
     landscape = np.full((300, 520, 3), 255, np.uint8)
     landscape[40:80, 60:460] = 0  # a "title" bar
     landscape[120:260, 60:250] = (30, 90, 200)  # a "figure"
-    return [render(0, 0.5), render(3, 0.8), landscape]
+    return [render_rgb(paper_pdf, 0, 0.5), render_rgb(paper_pdf, 3, 0.8), landscape]
 
 
 def check_detections(det: Detections, item: LayoutInput, classes: tuple[str, ...]) -> None:

@@ -27,6 +27,7 @@ from PIL import Image
 from ragws.server import SERVICES
 
 from .conftest import render_png
+from .documents import PAGES, repeated
 
 
 class SlowModel:
@@ -246,19 +247,21 @@ async def test_http_deadline_is_504(start_server, connect, paper_pdf, embedded_m
 
 
 async def test_paused_reader_pauses_the_document_and_then_gets_every_page(start_server, paper_pdf):
-    # layout_batch_size 1: a document keeps at most 8 pages between render and reader.
+    # layout_batch_size 1: a document keeps at most 8 pages between render and reader, a few
+    # more wait in the socket's queue: the paper twice over has pages well past them.
+    pdf, total = repeated(paper_pdf, 2), 2 * PAGES
     server = await start_server(ocr_model="none", layout_batch_size=1, send_queue_bytes=65536)
     ws = await RawWebSocket.connect(server)
     try:
-        await ws.send({"type": "pdf", "id": "doc", "pdf": paper_pdf, "images": True})
+        await ws.send({"type": "pdf", "id": "doc", "pdf": pdf, "images": True})
         queued = await pause(server, 3.0)
         assert max(queued) > 65536  # the socket's queue filled up...
-        assert await server.metric("ragws_layout_pages_total") < 16  # ...and the work waited
+        assert await server.metric("ragws_layout_pages_total") < total  # ...and the work waited
         frames = await ws.frames_until("doc")
         pages = [f for f in frames if f["type"] == "page"]
-        assert sorted(f["page"] for f in pages) == list(range(16))
+        assert sorted(f["page"] for f in pages) == list(range(total))
         assert all(f["image"][:2] == b"\xff\xd8" for f in pages)  # every page's JPEG
-        assert frames[-1]["type"] == "done" and frames[-1]["pages"] == 16
+        assert frames[-1]["type"] == "done" and frames[-1]["pages"] == total
         assert await server.metric("ragws_websocket_stalls_total") == 0
     finally:
         ws.close()
@@ -288,21 +291,22 @@ async def test_stalled_reader_is_closed_1008_and_its_work_cancelled(start_server
     server = await start_server(
         ocr_model="none", layout_batch_size=1, send_queue_bytes=65536, send_stall_timeout_s=1.0
     )
+    pdf, total = repeated(paper_pdf, 2), 2 * PAGES  # more pages than are let ahead of a reader
     ws = await RawWebSocket.connect(server)
     try:
-        await ws.send({"type": "pdf", "id": "doc", "pdf": paper_pdf, "images": True})
+        await ws.send({"type": "pdf", "id": "doc", "pdf": pdf, "images": True})
         await until(lambda: gauge_is(server, "ragws_websocket_stalls_total", 1), what="stall")
         await until(lambda: gauge_is(server, "ragws_inflight_requests", 0), what="the cancel")
         cancelled = {"type": "pdf", "outcome": "cancelled"}
         assert await server.metric("ragws_requests_total", cancelled) == 1
-        assert await server.metric("ragws_layout_pages_total") < 16
+        assert await server.metric("ragws_layout_pages_total") < total
         # A client that reads again finds what was already on its way, then the close frame.
         pages = 0
         while (frame := await ws.recv_frame())[0] == 2:
             pages += msgpack.unpackb(frame[1])["type"] == "page"
         opcode, payload = frame
         assert opcode == 8 and struct.unpack(">H", payload[:2])[0] == 1008
-        assert b"stopped reading" in payload and pages < 16
+        assert b"stopped reading" in payload and pages < total
     finally:
         ws.close()
 

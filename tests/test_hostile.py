@@ -368,6 +368,12 @@ async def test_a_frame_not_completed_in_time_closes_its_socket(frames_server):
     ws = await RawSocket.connect(server.url)
     started = time.monotonic()
     ws.writer.write(RawSocket.header(1000) + bytes(500))  # half a frame, then silence
+    await ws.writer.drain()
+    await asyncio.sleep(0.5)
+    # While the half frame is held, the operator sees it on /metrics too.
+    async with aiohttp.ClientSession() as http, http.get(server.url + "/metrics") as resp:
+        gauge = re.search(r"^ragws_receive_buffer_bytes (\S+)$", await resp.text(), re.M)
+    assert gauge is not None and float(gauge.group(1)) >= 500
     assert await ws.close_code() == 1008
     assert 2.5 < time.monotonic() - started < 8
     await settle(server)  # its bytes are released once the connection is cut

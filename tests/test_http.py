@@ -9,6 +9,8 @@ import io
 import aiohttp
 from PIL import Image
 
+from .documents import PAGES
+
 
 def _form(pdf: bytes, **fields: str) -> aiohttp.FormData:
     form = aiohttp.FormData()
@@ -50,8 +52,8 @@ async def test_doc_layout_is_seed_compatible(start_server, paper_pdf):
         async with http.post(server.url + "/doc_layout", data=form) as resp:
             assert resp.status == 200, await resp.text()
             body = await resp.json()
-    assert body["stats"]["total_page"] == 16 and body["stats"]["page_per_second"] > 0
-    assert len(body["result"]) == 16
+    assert body["stats"]["total_page"] == PAGES and body["stats"]["page_per_second"] > 0
+    assert len(body["result"]) == PAGES
     first = body["result"][0]
     assert set(first) >= {"classes", "coordinates", "img"}
     assert "title" in first["classes"]
@@ -65,13 +67,14 @@ async def test_doc_layout_is_seed_compatible(start_server, paper_pdf):
 
 
 async def test_doc_layout_bad_input(start_server, paper_pdf):
-    server = await start_server(max_pdf_bytes=1_000_000)
+    cap = len(paper_pdf) // 2
+    server = await start_server(max_pdf_bytes=cap)
     async with aiohttp.ClientSession() as http:
         cases = [
             (_form(b"not a pdf at all"), 400, "pdf"),
             (_form(b""), 400, "empty"),
             (aiohttp.FormData({"other": "x"}), 400, "'file'"),
-            (_form(paper_pdf), 413, "bytes"),  # 1.7 MB over the 1 MB cap
+            (_form(paper_pdf), 413, "bytes"),  # twice the cap
             (_form(b"%PDF-1.4", ratio_x="-2"), 400, "ratio_x"),
         ]
         for form, status, needle in cases:

@@ -28,13 +28,27 @@ def run_script():
     return load_script("run")
 
 
+def inputs(folder: Path) -> list[str]:
+    """``--inputs`` for the written documents: the paper, then the images OCR reads."""
+    return ["--inputs", *(str(folder / n) for n in ("paper.pdf", "table1.png", "title.png"))]
+
+
+def read_written(monkeypatch: pytest.MonkeyPatch, module: object, folder: Path) -> None:
+    """Point a script without an ``--inputs`` option (soak, overload) at the written
+    documents, in place of the shared fixtures folder it reads by default."""
+    monkeypatch.setattr(module, "FIXTURES", folder)
+    monkeypatch.setattr(module, "PAPER", folder / "paper.pdf")
+
+
 async def test_layout_run_writes_summary_timeline_and_chart(
-    start_server, paper_pdf, run_script, tmp_path
+    start_server, documents_dir, run_script, tmp_path
 ):
     server = await start_server()
     url = server.url.replace("http://", "ws://") + "/ws"
     args = ["layout", "--url", url, "--users", "3", "--spawn-rate", "6", "--duration", "3"]
-    await asyncio.to_thread(run_script.main, [*args, "--out", str(tmp_path)])
+    await asyncio.to_thread(
+        run_script.main, [*args, *inputs(documents_dir), "--out", str(tmp_path)]
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["failures"] == 0 and summary["requests"] >= 3
     assert summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
@@ -48,15 +62,13 @@ async def test_layout_run_writes_summary_timeline_and_chart(
 
 
 async def test_disconnect_run_leaves_nothing_in_flight(
-    start_server, paper_pdf, run_script, tmp_path
+    start_server, documents_dir, run_script, tmp_path
 ):
-    # paper_pdf: the run reads the shared fixtures, so it skips (with a reason) without them.
     server = await start_server(ocr_line_batch_size=4)
     url = server.url.replace("http://", "ws://") + "/ws"
     args = ["disconnect", "--url", url, "--users", "6", "--spawn-rate", "20", "--duration", "60"]
-    await asyncio.to_thread(
-        run_script.main, [*args, "--requests", "40", "--cut-tokens", "3", "--out", str(tmp_path)]
-    )
+    args += [*inputs(documents_dir), "--requests", "40", "--cut-tokens", "3"]
+    await asyncio.to_thread(run_script.main, [*args, "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["requests"] == 40
     after = summary["server_after"]
@@ -84,11 +96,12 @@ def overload_script():
     return load_script("overload")
 
 
-def test_short_soak_settles_and_reports(paper_pdf, soak_script, tmp_path):
-    # paper_pdf: the users send the shared fixtures, so the test skips (with a reason) without
-    # them. The RSS target is not asserted: 15 s says nothing about growth, the 10-minute
+def test_short_soak_settles_and_reports(soak_script, documents_dir, monkeypatch, tmp_path):
+    # The RSS target is not asserted: 15 s says nothing about growth, the 10-minute
     # benchmark does. What a short run does show: every request ended as the client meant it
     # to, and the server gave back every slot, sequence and socket.
+    # soak.py builds its payloads with run.py's Inputs, which reads run.py's globals.
+    read_written(monkeypatch, sys.modules[soak_script.Inputs.__module__], documents_dir)
     args = ["--minutes", "0.25", "--users", "3", "--sample-s", "1", "--settle-s", "10"]
     cuts = ["--cancel-fraction", "0.2", "--disconnect-fraction", "0.2"]
     soak_script.main([*args, *cuts, "--out", str(tmp_path)])
@@ -110,8 +123,9 @@ def test_short_soak_settles_and_reports(paper_pdf, soak_script, tmp_path):
 
 
 def test_overload_rejects_excess_fast_and_every_rejection_comes_back(
-    paper_pdf, overload_script, tmp_path
+    overload_script, documents_dir, monkeypatch, tmp_path
 ):
+    read_written(monkeypatch, overload_script, documents_dir)
     args = ["--max-concurrent", "2", "--factor", "5", "--duration", "3", "--warmup-s", "1"]
     overload_script.main([*args, "--out", str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())

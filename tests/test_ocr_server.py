@@ -253,17 +253,24 @@ async def test_http_ocr_plain_and_sse(start_server, got_tiny_dir, images, refere
 
 
 async def test_sse_client_disconnect_cancels(start_server, got_tiny_dir, images):
-    server = await ocr_server(start_server, got_tiny_dir)
+    # Room for a stream far longer than the test: it is still decoding when the client leaves,
+    # on however fast a machine, and what ends it can only be the disconnect.
+    max_tokens = 1700
+    server = await ocr_server(start_server, got_tiny_dir, max_model_len=2048)
     async with aiohttp.ClientSession() as http:
         resp = await http.post(
             server.url + "/ocr",
-            data=form(png(images[6]), max_tokens="400", stream="true", ignore_eos="true"),
+            data=form(png(images[6]), max_tokens=str(max_tokens), stream="true", ignore_eos="true"),
         )
         await resp.content.readline()  # the stream has started
-        assert await server.metric("ragws_kv_slots_used") == 1
+        # The engine sets its gauges after a step's tokens are out, so the first token can
+        # arrive before the slot it holds is counted.
+        await wait_metric(server, "ragws_kv_slots_used", 1)
         resp.close()  # drop the connection mid-stream
     await wait_metric(server, "ragws_kv_slots_used", 0)
     await wait_metric(server, "ragws_inflight_requests", 0)
+    # It stopped there: far short of the tokens it asked for.
+    assert await server.metric("ragws_ocr_generated_tokens_total") < max_tokens
 
 
 async def test_kv_memory_budget_sizes_the_slots(start_server, connect, got_tiny_dir, images):
@@ -296,11 +303,12 @@ async def test_parse_sends_regions_through_the_engine(
     from ragws.structure import dehyphenate
 
     from .conftest import render_rgb
+    from .documents import TABLES_PAGE
 
     server = await ocr_server(start_server, got_tiny_dir, ocr_max_tokens=24, ocr_batch_size=4)
     client, hello = await connect(server)
     assert hello["ocr"] == {"modes": ["format", "plain"], "markup": True}
-    page = Image.fromarray(render_rgb(paper_pdf, 4, scale=2.0))
+    page = Image.fromarray(render_rgb(paper_pdf, TABLES_PAGE, scale=2.0))
 
     def expected(block, mode):
         box = [round(v) for v in block["bbox"]]
@@ -308,7 +316,7 @@ async def test_parse_sends_regions_through_the_engine(
         return reference(page, mode, 24, box=box)[1].strip()
 
     # auto: the text layer, tables included.
-    await client.send({"type": "parse", "id": "a", "pdf": paper_pdf, "pages": [4]})
+    await client.send({"type": "parse", "id": "a", "pdf": paper_pdf, "pages": [TABLES_PAGE]})
     frames = (await client.finish("a"))["a"]
     assert frames[-1]["type"] == "done", frames[-1]
     blocks = frames[0]["blocks"]
@@ -316,7 +324,8 @@ async def test_parse_sends_regions_through_the_engine(
     assert len(tables) == 2 and all(b["source"] == "pdf" for b in tables)
     assert {b["source"] for b in blocks if b["type"] == "text"} == {"pdf"}
     # ocr: every region through the engine, tables in format mode, text in plain mode.
-    await client.send({"type": "parse", "id": "o", "pdf": paper_pdf, "pages": [4], "text": "ocr"})
+    request = {"type": "parse", "id": "o", "pdf": paper_pdf, "pages": [TABLES_PAGE], "text": "ocr"}
+    await client.send(request)
     frames = (await client.finish("o"))["o"]
     blocks = frames[0]["blocks"]
     tables = [b for b in blocks if b["type"] == "table"]

@@ -17,9 +17,12 @@ from rapidfuzz.distance import Levenshtein
 
 from ragws.structure import dehyphenate
 
+from . import documents
 from .conftest import render_png
+from .documents import PAGES, SECTIONS, SUBSECTIONS, TABLE_1, TABLES_PAGE, TITLE
 
-SECTIONS = (
+#: The real paper's sections, for the check of that paper (the written paper has its own).
+REAL_SECTIONS = (
     "1 Introduction",
     "2 Large Context Memory Constraint",
     "3 Ring Attention with Blockwise Parallel Transformers",
@@ -64,7 +67,7 @@ async def test_ocr_of_every_region_reads_what_the_text_layer_says(start_server, 
     client, _ = await connect(server)
     pages, done, arrivals = await parse_ws(client, "paper", pdf=paper_pdf, text="ocr")
     assert done["type"] == "done", done
-    assert sorted(pages) == list(range(16)) and done["pages"] == 16
+    assert sorted(pages) == list(range(PAGES)) and done["pages"] == PAGES
     # Pages stream as they complete, not all at the end.
     assert arrivals[-1] - arrivals[0] > 1.0
     errors = []
@@ -86,15 +89,15 @@ async def test_ocr_of_every_region_reads_what_the_text_layer_says(start_server, 
                     continue
                 hypothesis = normalise(block["text"])
                 errors.append(Levenshtein.distance(reference, hypothesis) / len(reference))
-    assert len(errors) > 40  # the body-text regions of 16 pages
+    assert len(errors) > 4 * PAGES  # the body-text regions of every page
     cer = sum(errors) / len(errors)
     print(f"mean CER {cer:.4f} over {len(errors)} body-text regions")
     assert cer < 0.05, f"mean character error rate {cer:.3f} over {len(errors)} regions"
     # Every page was read by OCR, and the chunks cover the whole document.
     assert {frame["source"] for frame in pages.values()} == {"ocr"}
     covered = {page for chunk in done["chunks"] for page in chunk["pages"]}
-    assert covered == set(range(16))
-    assert await server.metric("ragws_parse_pages_total", {"source": "ocr"}) == 16
+    assert covered == set(range(PAGES))
+    assert await server.metric("ragws_parse_pages_total", {"source": "ocr"}) == PAGES
 
 
 async def test_text_layer_markdown_has_title_and_sections_in_order(
@@ -106,16 +109,16 @@ async def test_text_layer_markdown_has_title_and_sections_in_order(
     assert done["type"] == "done", done
     markdown = done["markdown"]
     headings = [line for line in markdown.splitlines() if line.startswith("#")]
-    assert headings[0] == "# Ring Attention with Blockwise Transformers for Near-Infinite Context"
+    assert headings[0] == f"# {TITLE}"
     positions = [markdown.index(f"## {title}\n") for title in SECTIONS]
     assert positions == sorted(positions)
     # Subsections one level down, from their numbering and their type size.
-    for sub in ("5.1 Evaluating Max Context Size", "5.4 Impact on LLM Performance"):
+    for sub in SUBSECTIONS:
         assert f"\n### {sub}\n" in markdown
     # Tables come out as tables: cells from pymupdf's finder inside the table regions.
-    tables = [b for b in pages[4]["blocks"] if b["type"] == "table"]
+    tables = [b for b in pages[TABLES_PAGE]["blocks"] if b["type"] == "table"]
     assert len(tables) == 2 and all(b["cells"] and b["html"].startswith("<table>") for b in tables)
-    assert "| Layer Type | Self-Attention | FeedForward | Total |" in markdown
+    assert "| " + " | ".join(TABLE_1[1]) + " |" in markdown
     # "auto": the text layer wherever a region has words; OCR only where it has none.
     blocks = [(n, b) for n, frame in pages.items() for b in frame["blocks"]]
     from_pdf = [b for _, b in blocks if b["source"] == "pdf"]
@@ -144,6 +147,47 @@ async def test_text_layer_markdown_has_title_and_sections_in_order(
         assert f"\n{text}\n" not in f"\n{pages[n]['markdown']}\n"
     _, with_furniture, _ = await parse_ws(client, 2, pdf=paper_pdf, pages=[3], furniture=True)
     assert with_furniture["markdown"].endswith(dict(furniture)[3])
+
+
+async def test_real_paper_markdown_has_its_title_sections_and_tables(
+    start_server, connect, real_paper
+):
+    """The same reading of arXiv 2310.01889v4, a paper typeset by LaTeX rather than written
+    here: its title, its sections and subsections in order, the two tables of its page 5."""
+    server = await start_server()
+    client, _ = await connect(server)
+    pages, done, _ = await parse_ws(client, 1, pdf=real_paper, chunk_chars=800)
+    assert done["type"] == "done", done
+    markdown = done["markdown"]
+    headings = [line for line in markdown.splitlines() if line.startswith("#")]
+    assert headings[0] == "# Ring Attention with Blockwise Transformers for Near-Infinite Context"
+    positions = [markdown.index(f"## {title}\n") for title in REAL_SECTIONS]
+    assert positions == sorted(positions)
+    for sub in ("5.1 Evaluating Max Context Size", "5.4 Impact on LLM Performance"):
+        assert f"\n### {sub}\n" in markdown
+    tables = [b for b in pages[4]["blocks"] if b["type"] == "table"]
+    assert len(tables) == 2 and all(b["cells"] and b["html"].startswith("<table>") for b in tables)
+    assert "| Layer Type | Self-Attention | FeedForward | Total |" in markdown
+    furniture = [b for frame in pages.values() for b in frame["blocks"] if b["type"] == "footer"]
+    assert len(furniture) >= 10  # its page numbers
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ragws bug: a one-line region that is tighter than its text-layer line box holds "
+    "under half the line's area, so structure.regions_without_text calls it empty and OCR reads "
+    "it again: its words come out twice (PDFs whose fonts declare their bounding box as ascent "
+    "and descent, as pymupdf-written ones do)",
+)
+async def test_one_line_regions_of_tall_line_boxes_are_read_once(start_server, connect):
+    pdf = documents.write_paper(latex_metrics=False).pdf
+    server = await start_server()
+    client, _ = await connect(server)
+    pages, done, _ = await parse_ws(client, 1, pdf=pdf, pages=[0])
+    assert done["type"] == "done", done
+    ocr = [(b["type"], b["text"]) for b in pages[0]["blocks"] if b["source"] == "ocr"]
+    assert ocr == []  # every region of this page has text-layer words
+    assert done["markdown"].count("Abstract") == 1
 
 
 def two_column_pdf() -> tuple[bytes, list[str]]:
@@ -201,7 +245,7 @@ async def test_image_parse_and_cancel_mid_document(start_server, connect, paper_
     pages, done, _ = await parse_ws(client, "img", image=render_png(paper_pdf, 0, scale=2.0))
     assert done["type"] == "done" and list(pages) == [0]
     assert pages[0]["source"] == "ocr"
-    assert "Ring Attention" in done["markdown"]
+    assert TITLE in done["markdown"]
     # Cancel a whole-document OCR parse after its first page: the rest of its work stops.
     await client.send({"type": "parse", "id": "long", "pdf": paper_pdf, "text": "ocr"})
     first = await client.until("long", "page", "error", "done")
@@ -220,7 +264,7 @@ async def test_image_parse_and_cancel_mid_document(start_server, connect, paper_
         if len(history) >= 3 and history[-1] == history[-2] == history[-3]:
             break
     assert history[-1] == history[-2] == history[-3], f"OCR lines kept coming: {history}"
-    # The other 15 pages hold about 900 lines.
+    # The other pages hold about a hundred lines each.
     assert history[-1] - lines <= 4 * 32, history
 
 
@@ -235,8 +279,8 @@ async def test_http_parse_json_and_ndjson(start_server, paper_pdf):
             assert resp.status == 200, await resp.text()
             body = await resp.json()
         assert [p["page"] for p in body["pages"]] == [0, 1]
-        assert "\n# Ring Attention with Blockwise Transformers" in "\n" + body["markdown"]
-        assert body["page_count"] == 16 and body["chunks"]
+        assert f"\n# {TITLE}\n" in "\n" + body["markdown"]
+        assert body["page_count"] == PAGES and body["chunks"]
         figures = [b for p in body["pages"] for b in p["blocks"] if b["type"] == "figure"]
         assert figures and all(b["image"] for b in figures)  # base64 JPEG crops
 
@@ -249,7 +293,7 @@ async def test_http_parse_json_and_ndjson(start_server, paper_pdf):
             lines = [json.loads(line) for line in (await resp.text()).splitlines()]
         assert [line["type"] for line in lines] == ["page", "page", "done"]
         assert sorted(line["page"] for line in lines[:2]) == [2, 3]
-        assert all((line["pages"], line["page_count"]) == (2, 16) for line in lines[:2])
+        assert all((line["pages"], line["page_count"]) == (2, PAGES) for line in lines[:2])
 
         form = aiohttp.FormData()
         form.add_field("file", b"%PDF-1.7 not really", filename="bad.pdf")

@@ -11,7 +11,7 @@ import sys
 import aiohttp
 import msgpack
 
-from .conftest import FIXTURES, render_png
+from .conftest import render_png
 
 
 def free_port() -> int:
@@ -83,7 +83,7 @@ async def refused_from_now_on(http: aiohttp.ClientSession, url: str) -> None:
         assert await refused()
 
 
-async def test_sigterm_finishes_short_work_ends_long_work_and_exits_0(paper_pdf):
+async def test_sigterm_finishes_short_work_ends_long_work_and_exits_0(paper_pdf, title_png):
     port = free_port()
     # One line per recognition call: a full page takes many seconds, a title a fraction.
     proc = await start(port, "--ocr-line-batch-size", "1", "--shutdown-grace-s", "2")
@@ -94,10 +94,10 @@ async def test_sigterm_finishes_short_work_ends_long_work_and_exits_0(paper_pdf)
             quick = await http.ws_connect(url, max_msg_size=0)
             for ws in (slow, quick):
                 await ws.receive()  # hello
-            # The short request goes first, so its two lines are recognised ahead of the long
-            # request's ~70; both are in flight when the signal arrives.
-            title = (FIXTURES / "title.png").read_bytes()
-            await quick.send_bytes(msgpack.packb({"type": "ocr", "id": "short", "image": title}))
+            # The short request goes first, so its three lines are recognised ahead of the long
+            # request's ~100; both are in flight when the signal arrives.
+            short = {"type": "ocr", "id": "short", "image": title_png}
+            await quick.send_bytes(msgpack.packb(short))
             page = render_png(paper_pdf, 1, scale=2.0)
             await slow.send_bytes(msgpack.packb({"type": "ocr", "id": "long", "image": page}))
             await until_inflight(http, port, 2)

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from .conftest import render_png, render_rgb
+from .documents import PAGES, TITLE
 
 
 async def test_hello_names_models_and_limits(start_server, connect):
@@ -69,7 +70,7 @@ async def test_pdf_pages_stream_then_done(start_server, connect, paper_pdf):
         assert frame["type"] == "page", frame
         pages[frame["page"]] = frame
     assert sorted(pages) == [0, 2, 5]
-    assert frame["finish_reason"] == "stop" and frame["pages"] == 3 and frame["page_count"] == 16
+    assert frame["finish_reason"] == "stop" and frame["pages"] == 3 and frame["page_count"] == PAGES
     first = pages[0]
     image = Image.open(io.BytesIO(first["image"]))
     assert image.format == "JPEG" and image.size == (first["width"], first["height"])
@@ -91,7 +92,7 @@ async def test_requests_multiplex_on_one_socket(start_server, connect, paper_pdf
         if frame["type"] in ("done", "layout"):
             done.add(frame["id"])
     assert ("img", "layout") in seen
-    assert sum(1 for s in seen if s == ("doc", "page")) == 16
+    assert sum(1 for s in seen if s == ("doc", "page")) == PAGES
     # The single image was not held back until the whole document finished.
     assert seen.index(("img", "layout")) < seen.index(("doc", "done"))
 
@@ -308,13 +309,13 @@ async def test_ocr_and_parse_without_ocr_model(start_server, connect, paper_pdf)
     # From the text layer, parsing needs no OCR model.
     await client.send({"type": "parse", "id": 3, "pdf": paper_pdf, "pages": [0], "text": "pdf"})
     done = await client.until(3, "error", "done")
-    assert done["type"] == "done" and "Ring Attention" in done["markdown"]
+    assert done["type"] == "done" and TITLE in done["markdown"]
 
 
 async def test_pdf_page_out_of_range_and_page_cap(start_server, connect, paper_pdf):
     server = await start_server(max_pages=4)
     client, _ = await connect(server)
-    await client.send({"type": "pdf", "id": "a", "pdf": paper_pdf, "pages": [16]})
+    await client.send({"type": "pdf", "id": "a", "pdf": paper_pdf, "pages": [PAGES]})
     error = await client.recv()
     assert error["code"] == "bad_request" and "out of range" in error["message"]
     await client.send({"type": "pdf", "id": "b", "pdf": paper_pdf})
@@ -324,7 +325,7 @@ async def test_pdf_page_out_of_range_and_page_cap(start_server, connect, paper_p
     assert (await client.until("c", "done", "error"))["type"] == "done"
 
 
-async def test_text_frame_gets_error(start_server, connect, paper_pdf):
+async def test_text_frame_gets_error(start_server, connect):
     server = await start_server()
     client, _ = await connect(server)
     await client.ws.send_str('{"type": "layout"}')
@@ -342,7 +343,7 @@ async def test_duplicate_inflight_id_is_refused(start_server, connect, paper_pdf
     assert "already in flight" in error["message"]
     # The first request is unharmed and completes.
     done = await client.until("dup", "done")
-    assert done["pages"] == 16
+    assert done["pages"] == PAGES
 
 
 async def test_oversize_frame_closes_socket_1009(start_server, connect):
@@ -378,7 +379,7 @@ async def test_cancel_ends_request_and_stops_its_frames(start_server, connect, p
         if frame["id"] == "after":
             break
     assert await server.metric("ragws_requests_total", {"type": "pdf", "outcome": "cancelled"}) == 1
-    assert await server.metric("ragws_layout_pages_total") < 16
+    assert await server.metric("ragws_layout_pages_total") < PAGES
 
 
 async def test_socket_close_drops_queued_pages(start_server, connect, paper_pdf):
@@ -508,7 +509,7 @@ async def test_late_cancel_is_ignored_and_pdf_frames_carry_totals(start_server, 
     await client.send({"type": "pdf", "id": "d", "pdf": paper_pdf, "pages": [0, 3]})
     frames = (await client.finish("d"))["d"]
     pages = [f for f in frames if f["type"] == "page"]
-    assert [(f["pages"], f["page_count"]) for f in pages] == [(2, 16), (2, 16)]
+    assert [(f["pages"], f["page_count"]) for f in pages] == [(2, PAGES), (2, PAGES)]
     # The request has ended: a cancel for it is ignored; the next request is answered first.
     await client.send({"type": "cancel", "id": "d"})
     await client.send({"type": "layout", "id": "n", "image": render_png(paper_pdf, 0)})

@@ -2,7 +2,8 @@
 
 The engine (``ragws.ocr_engine``) decides who runs; this module owns the tensors. One
 :meth:`GotOcr2Runner.step` runs the vision tower for every newly admitted sequence, prefills
-them, and decodes one token for every running sequence, all greedily.
+them, and decodes one token for every running sequence: the argmax, or for a request that
+samples a draw from its own generator.
 
 Why the decoder is written out here instead of calling ``model.generate`` or the model's
 ``forward``: transformers' cache objects grow per request and per batch, so sequences could not
@@ -57,6 +58,7 @@ __all__ = [
     "HUB_SPEC",
     "MODES",
     "STOP_TOKENS",
+    "TASK_PROMPTS",
     "GotOcr2Runner",
     "ModelUnavailableError",
     "OcrPrompt",
@@ -75,6 +77,10 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 #: Request modes and the processor's ``format`` flag: "OCR with format: " vs "OCR: ".
 MODES = {"format": True, "plain": False}
+
+#: GOT's own task prompts. A request's text equal to one of them (spacing aside) gets the
+#: processor's prompt for that mode, token for token: what the ``ocr`` frame's ``mode`` gets.
+TASK_PROMPTS = {"OCR:": "plain", "OCR with format:": "format"}
 
 
 class ModelUnavailableError(RuntimeError):
@@ -215,16 +221,34 @@ class GotOcr2Runner:
         """Bytes held by the preallocated KV cache (allocated once, at load)."""
         return sum(t.numel() * t.element_size() for t in (*self._k, *self._v))
 
-    def prepare(self, image: np.ndarray, *, mode: str = "format", crop: bool = False) -> OcrPrompt:
+    def prepare(
+        self,
+        image: np.ndarray,
+        *,
+        mode: str = "format",
+        crop: bool = False,
+        prompt: str | None = None,
+        system: str | None = None,
+    ) -> OcrPrompt:
         """Turn one RGB ``H×W×3`` page into prompt ids and pixel values (worker pool, no GPU).
+
+        ``prompt`` replaces GOT's task prompt ("OCR: ") in the user's turn, ``system`` the
+        system turn's text; None keeps the processor's own. A prompt that is one of
+        :data:`TASK_PROMPTS` is that mode's prompt. ValueError for text the model cannot take.
 
         Thread-safe: the processor keeps no per-call state, and the backend tokenizer's
         padding/truncation were cleared at load, so concurrent encodes only read it.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+        if system is None and prompt is not None and " ".join(prompt.split()) in TASK_PROMPTS:
+            mode, prompt = TASK_PROMPTS[" ".join(prompt.split())], None
+        text = None
+        if prompt is not None or system is not None:
+            text = self._chat_text(prompt, system, MODES[mode], crop)
         inputs = self.processor(
             images=image,
+            text=text,
             format=MODES[mode],
             crop_to_patches=crop,
             return_tensors="pt",
@@ -256,6 +280,24 @@ class GotOcr2Runner:
         return tokens
 
     # --- internals -------------------------------------------------------------------------
+
+    def _chat_text(self, prompt: str | None, system: str | None, fmt: bool, crop: bool) -> str:
+        """The conversation the processor builds for its own prompts (the checkpoint has no
+        chat template; the processor lays it out), with the request's texts in it."""
+        p = self.processor
+        placeholders = (p.image_token, p.img_start_token, p.img_end_token)
+        for part in (prompt or "", system or ""):
+            if any(token in part for token in placeholders):
+                raise ValueError(f"the text may not contain the image markers {placeholders}")
+        system_turn = p.system_query if system is None else f"system\n{system}"
+        query = prompt
+        if query is None:  # the processor's own, spaces included
+            query = f" OCR{' with format' * fmt}{' upon the patch reference' * crop}: "
+        return (
+            f"{p.message_start_token}{system_turn}{p.message_end_token}"
+            f"{p.message_start_token}user\n{p.img_start_token}{p.image_token}{p.img_end_token}"
+            f"\n{query}{p.message_end_token}{p.message_start_token}assistant\n"
+        )
 
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self._torch_device)
@@ -315,7 +357,8 @@ class GotOcr2Runner:
                 raise ValueError("image placeholders and image features differ in number")
             embeds = embeds.masked_scatter(mask, image)
             slots: list[int] = [s.slot for s in group]  # type: ignore[misc]  # checked above
-            for token, i in zip(self._prefill_group(embeds, slots), members, strict=True):
+            next_tokens = self._prefill_group(embeds, slots, group)
+            for token, i in zip(next_tokens, members, strict=True):
                 tokens[i] = token
             for slot in slots:
                 self._lengths[slot] = length
@@ -324,7 +367,9 @@ class GotOcr2Runner:
             seq.image = None
         return tokens
 
-    def _prefill_group(self, embeds: torch.Tensor, slots: list[int]) -> list[int]:
+    def _prefill_group(
+        self, embeds: torch.Tensor, slots: list[int], seqs: list[Sequence]
+    ) -> list[int]:
         """Forward ``B`` prompts of one length from position 0; fill their slots' K/V."""
         batch, length, _ = embeds.shape
         index = torch.tensor(slots, device=self._torch_device)
@@ -339,7 +384,7 @@ class GotOcr2Runner:
                 q, k, v, is_causal=True, scale=self._scale, enable_gqa=self._gqa
             )
             h = self._finish_layer(layer, h, out)
-        return self._next_tokens(h[:, -1])
+        return self._next_tokens(h[:, -1], seqs)
 
     def _decode(self, seqs: list[Sequence]) -> list[int]:
         """One token for every running sequence, in one forward over the cache view."""
@@ -389,7 +434,7 @@ class GotOcr2Runner:
             h = self._finish_layer(layer, h, out.reshape(q.shape))
         for slot, p in zip(slots, positions, strict=True):
             self._lengths[slot] = p + 1
-        return self._next_tokens(h[index, 0])
+        return self._next_tokens(h[index, 0], seqs)
 
     def _qkv(
         self, layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -412,10 +457,41 @@ class GotOcr2Runner:
         h = h + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(batch, length, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def _next_tokens(self, last: torch.Tensor) -> list[int]:
-        """Greedy choice from the final hidden state of each row's last position."""
+    def _next_tokens(self, last: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """Each row's next token from the final hidden state of its last position: the argmax,
+        or a draw for a sequence that samples."""
         logits = self.model.lm_head(self._lm.norm(last))
-        return logits.argmax(dim=-1).tolist()
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            if seq.sampling is not None:
+                tokens[i] = self._sample(logits[i], seq)
+        return tokens
+
+    def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
+        """One draw from ``logits`` under the sequence's temperature, top-k and top-p, with its
+        own generator (seeded once), so a seeded request draws the same tokens whatever runs
+        beside it."""
+        params = seq.sampling
+        assert params is not None
+        if seq.rng is None:
+            seq.rng = torch.Generator(device=logits.device)
+            if params.seed is None:
+                seq.rng.seed()
+            else:
+                seq.rng.manual_seed(params.seed)
+        logits = logits.float() / params.temperature
+        if 0 < params.top_k < logits.numel():
+            kth = torch.topk(logits, params.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if params.top_p < 1.0:
+            ranked, order = probs.sort(descending=True)
+            # Keep the likeliest tokens until their mass reaches top_p (the first always).
+            ranked[(ranked.cumsum(0) - ranked) >= params.top_p] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, ranked)
+        if not bool(torch.isfinite(probs).all()):  # never let one request's draw fail a step
+            return int(logits.argmax())
+        return int(torch.multinomial(probs, 1, generator=seq.rng))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
