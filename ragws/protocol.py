@@ -225,7 +225,10 @@ def decode_frame(data: bytes) -> Any:
     try:
         return _unpack(data, _Containers(max_maps=1))
     except (_TooNested, ValueError) as exc:
-        if not isinstance(exc, _TooNested) and "exceeds max_" not in str(exc):
+        # Too deep for msgpack's stack in one piece is a limit too: each value alone may
+        # still decode, and the frame's id is read all the same.
+        over = isinstance(exc, (_TooNested, msgpack.StackError)) or "exceeds max_" in str(exc)
+        if not over:
             # Malformed (msgpack's messages quote lengths and types, never client data).
             message = str(exc)[:200] or type(exc).__name__
             raise bad_request(f"frame is not valid msgpack: {message}") from None

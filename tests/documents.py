@@ -10,7 +10,7 @@ title, the headings in order, the pages, where each table and the title block we
 The OCR images are cut from renders of the same pages: the title block, and each table with
 its caption, at the resolution of a scan.
 
-Everything is deterministic (one seeded generator for the prose), so a test that fails fails
+What is written is deterministic (one seeded generator for the prose), so a test that fails fails
 again on the same document.
 """
 
@@ -54,7 +54,7 @@ SUBSECTIONS = (
     "5.1 Evaluating Context Length",
     "5.2 Impact on Answer Quality",
 )
-#: The page with both tables at its top; the chart is on page 1, the raster figure on page 6.
+#: The page (from 0) with both tables at its top; the chart is on page 0, the raster figure on 5.
 TABLES_PAGE = 4
 TABLE_1 = (
     "Table 1: Memory per device when each method reads a document of 128K tokens.",
@@ -165,14 +165,14 @@ def text_width(text: str, name: str, size: float) -> float:
     return size * sum(advances[ch] for ch in text)
 
 
-def wrap(text: str, width: float, font: str = BODY_FONT, size: float = BODY_SIZE) -> list[str]:
+def wrap(text: str, width: float, face: str = BODY_FONT, size: float = BODY_SIZE) -> list[str]:
     """Greedy word wrap to ``width`` points: lines break between words only, never with a
     hyphen, so the text layer and a reading of the page agree word for word."""
     lines: list[str] = []
     line = ""
     for word in text.split():
         candidate = f"{line} {word}" if line else word
-        if line and text_width(candidate, font, size) > width:
+        if line and text_width(candidate, face, size) > width:
             lines.append(line)
             candidate = word
         line = candidate
@@ -221,10 +221,6 @@ class Paper:
     pdf: bytes
     title_block: pymupdf.Rect  # page 0: the title and the authors
     tables: list[pymupdf.Rect]  # on TABLES_PAGE: each table with its caption
-
-    def render(self, page: int, scale: float) -> pymupdf.Pixmap:
-        with pymupdf.open(stream=self.pdf, filetype="pdf") as doc:
-            return doc[page].get_pixmap(matrix=pymupdf.Matrix(scale, scale), alpha=False)
 
     def crop_png(self, page: int, rect: pymupdf.Rect, scale: float = 2.0, pad: float = 6) -> bytes:
         """A region of a page as a PNG, as a scanner would give it."""
@@ -276,12 +272,12 @@ class _Sheet:
         self.writer = pymupdf.TextWriter(page.rect)
         self.shape = page.new_shape()
 
-    def text(self, x: float, baseline: float, text: str, name: str, size: float) -> None:
-        self.writer.append((x, baseline), text, font=font(name), fontsize=size)
+    def text(self, x: float, baseline: float, text: str, face: str, size: float) -> None:
+        self.writer.append((x, baseline), text, font=font(face), fontsize=size)
 
-    def centred(self, baseline: float, text: str, font: str, size: float) -> pymupdf.Rect:
-        width = text_width(text, font, size)
-        self.text((WIDTH - width) / 2, baseline, text, font, size)
+    def centred(self, baseline: float, text: str, face: str, size: float) -> pymupdf.Rect:
+        width = text_width(text, face, size)
+        self.text((WIDTH - width) / 2, baseline, text, face, size)
         return pymupdf.Rect(
             (WIDTH - width) / 2, baseline - size, (WIDTH + width) / 2, baseline + size / 4
         )

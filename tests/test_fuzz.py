@@ -521,6 +521,10 @@ def expectation(message: Frame | Raw | Text) -> Expectation:
         return Expectation("null")
     try:
         frame = msgpack.unpackb(message.data())
+    except msgpack.StackError:
+        # Nested deeper than msgpack decodes in one piece: the server reads the frame's map
+        # field by field (docs/protocol.md), so its id is still known to it.
+        frame = fields_of(message.data())
     except Exception:
         return Expectation("null")
     if not isinstance(frame, dict) or "id" not in frame or not valid_id(frame["id"]):
@@ -531,6 +535,36 @@ def expectation(message: Frame | Raw | Text) -> Expectation:
     if isinstance(kind, str) and kind in REQUEST_TYPES:
         return Expectation("request", frame["id"], kind, frame)
     return Expectation("refused", frame["id"])
+
+
+class TooDeep:
+    """A value of a frame's map nested deeper than msgpack decodes even alone."""
+
+
+def fields_of(data: bytes) -> dict[Any, Any] | None:
+    """A frame's map read one field at a time, a value too deep to decode as :class:`TooDeep`;
+    None when it is no map or a key cannot be read."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data)
+    fields: dict[Any, Any] = {}
+    try:
+        for _ in range(unpacker.read_map_header()):
+            start = unpacker.tell()
+            unpacker.skip()
+            key = msgpack.unpackb(data[start : unpacker.tell()])
+            start = unpacker.tell()
+            unpacker.skip()
+            try:
+                value: Any = msgpack.unpackb(data[start : unpacker.tell()])
+            except msgpack.StackError:
+                value = TooDeep()
+            fields[key] = value
+        unpacker.skip()
+    except msgpack.OutOfData:
+        return fields
+    except Exception:
+        return None
+    return None  # bytes after the map
 
 
 def same_id(a: Any, b: Any) -> bool:
