@@ -12,6 +12,7 @@ A page's result must not depend on which other pages share its batch.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,17 @@ class LayoutModel(Protocol):
     def predict(self, batch: Sequence[LayoutInput]) -> list[Detections]:
         """Run one batch in one model call; called from the single inference thread."""
         ...
+
+
+def wheel_models(package: str, files: Sequence[str], missing: str) -> list[Path]:
+    """The ONNX ``files`` shipped in the ``models/`` folder of an installed wheel's
+    ``package``; FileNotFoundError with ``missing`` (what to install) when any is absent."""
+    spec = importlib.util.find_spec(package)
+    for location in list(spec.submodule_search_locations or []) if spec else []:
+        paths = [Path(location) / "models" / name for name in files]
+        if all(p.is_file() for p in paths):
+            return paths
+    raise FileNotFoundError(missing)
 
 
 def cpu_session(path: Path, threads: int, *, quiet: bool = False) -> ort.InferenceSession:

