@@ -18,7 +18,7 @@ frame). Three queues, each on a server of its own in this process:
 
 Each queue is measured three ways, one after another on the same server: the bystander
 **alone**; next to the flood with **fair share** (clients served in turn, the server's
-policy); next to the flood **by arrival** (``ragws.fairness.fcfs``, the policy before fair
+policy); next to the flood **by arrival** (``ragws.runtime.fairness.fcfs``, the policy before fair
 share, switched in this process for the comparison). A way stops taking samples after
 ``--way-budget-s`` seconds (at least one sample), since by arrival a bystander waits for
 everything the flood has queued. Also reported: the flood's own completions per second while
@@ -60,9 +60,9 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import FIXTURES, PAPER, cpu_name, log
 
-from ragws import fairness
 from ragws.config import Settings
-from ragws.server import SERVICES, create_app
+from ragws.runtime import fairness
+from ragws.serving.app import SERVICES, create_app
 
 QUEUES = ("layout", "ocr", "got")
 WAYS = ("alone", "fair", "fcfs")

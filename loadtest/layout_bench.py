@@ -6,7 +6,7 @@ The same pages (every page of a PDF, rendered once with pymupdf and encoded as P
 clock starts) go through the same embedded layout model (``OnnxLayoutModel``) two ways:
 
 * **sequential** — one process, page after page: decode the PNG exactly as the server does
-  (``ragws.documents.decode_image``), ``model.prepare``, ``model.predict([x])``. No server,
+  (``ragws.pipeline.documents.decode_image``), ``model.prepare``, ``model.predict([x])``. No server,
   no sockets, no threads of our own: what a script that just runs the model gets. It runs
   before the servers and again after them, so that a machine whose speed drifts during the
   benchmark shows it (the two rows disagree; a warning is printed above 10%).
@@ -74,10 +74,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import loopback_target
 
 from ragws.config import Settings
-from ragws.documents import decode_image
 from ragws.models import resolve_device
 from ragws.models.layout_onnx import OnnxLayoutModel
-from ragws.server import SERVICES, create_app
+from ragws.pipeline.documents import decode_image
+from ragws.serving.app import SERVICES, create_app
 
 DEFAULT_PDF = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "2310.01889v4.pdf"
 DEFAULT_PASSES = 4  # default --pages: this many passes over the document

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import FIXTURES, cpu_name, log
 
 from ragws.config import Settings
-from ragws.server import create_app
+from ragws.serving.app import create_app
 from ragws.testing.got_tiny import build_got_ocr2, synthetic_images
 
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import FIXTURES, cpu_name, log
 
 from ragws.config import Settings
-from ragws.server import create_app
+from ragws.serving.app import create_app
 
 
 def render(doc: pymupdf.Document, page: int, scale: float) -> np.ndarray:

@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PAPER, cpu_name, log
 
 from ragws.config import Settings
-from ragws.document_pool import DocumentPool
-from ragws.documents import PdfDocument, PdfFile, PdfLimits
+from ragws.pipeline.document_pool import DocumentPool
+from ragws.pipeline.documents import PdfDocument, PdfFile, PdfLimits
 
 DEFAULTS = Settings()
 LIMITS = PdfLimits(DEFAULTS.max_pdf_bytes, DEFAULTS.max_pages, DEFAULTS.max_image_pixels)

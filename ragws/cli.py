@@ -21,15 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .config import ConfigError, env_name, flag_name, load_settings, setting_fields
-from .logs import configure_logging
-from .mupdf_setup import keep_layout_analyzer_out
+from ragws import __version__
+from ragws.config import ConfigError, env_name, flag_name, load_settings, setting_fields
+from ragws.logs import configure_logging
+from ragws.pipeline.mupdf_setup import keep_layout_analyzer_out
 
 if TYPE_CHECKING:  # imported late at run time: keeps --help fast
     from tqdm import tqdm
 
-    from .client import AsyncClient, Document
+    from ragws.client import AsyncClient, Document
 
 #: What ``ragws parse DIR`` picks up from a directory.
 DOCUMENT_SUFFIXES = (".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.exit(2, f"ragws: invalid setting: {exc}\n")
         configure_logging(settings.log_level, settings.log_format)
         keep_layout_analyzer_out()
-        from .server import serve_forever  # imported late: keeps --help fast
+        from ragws.serving.app import serve_forever  # imported late: keeps --help fast
 
         try:
             asyncio.run(serve_forever(settings))
@@ -330,7 +330,7 @@ def _parse_main(args: argparse.Namespace) -> int:
 async def _parse_all(args: argparse.Namespace, jobs: list[ParseJob], names: dict[Path, str]) -> int:
     from tqdm import tqdm
 
-    from .client import AsyncClient, RagwsError
+    from ragws.client import AsyncClient, RagwsError
 
     try:
         client = await AsyncClient.connect(args.server, api_key=args.api_key)
@@ -371,7 +371,7 @@ async def _parse_one(
     client: AsyncClient, args: argparse.Namespace, job: ParseJob, name: str, bar: tqdm
 ) -> bool:
     """Parse one document and write its files; on failure, say why on stderr."""
-    from .client import RagwsError, is_pdf
+    from ragws.client import RagwsError, is_pdf
 
     received = 0
 

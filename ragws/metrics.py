@@ -17,8 +17,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .batcher import BatchStats
-from .ocr_engine import EngineStats
+from ragws.engine.engine import EngineStats
+from ragws.runtime.batcher import BatchStats
 
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -167,7 +167,7 @@ class Metrics:
             registry=r,
         )
 
-        # What a load balancer and an autoscaler ask of one replica (ragws.readiness).
+        # What a load balancer and an autoscaler ask of one replica (ragws.serving.readiness).
         self.ready = Gauge(
             "ragws_ready",
             "1 when GET /ready answers 200 (serving, not draining, not saturated), else 0",

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from ragws.config import Settings
-from ragws.server import create_app
+from ragws.serving.app import create_app
 
 from . import documents
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ragws.assemble import (
+from ragws.pipeline.assemble import (
     BLOCK_TYPES,
     FURNITURE,
     HEADINGS,
@@ -18,7 +18,7 @@ from ragws.assemble import (
     reading_order,
     render,
 )
-from ragws.structure import REGION_KINDS, region_kind
+from ragws.pipeline.structure import REGION_KINDS, region_kind
 
 W, H = 1000.0, 1400.0
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ragws.batcher import BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
+from ragws.runtime.batcher import BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
 
 
 class Recorder:
@@ -154,7 +154,7 @@ async def test_idle_batcher_does_not_spin():
 
 
 def test_choose_batch_size_measures_on_cpu_and_takes_max_on_gpu(embedded_model):
-    from ragws.layout import choose_batch_size
+    from ragws.pipeline.layout import choose_batch_size
 
     chosen = choose_batch_size(embedded_model, 4, budget_s=5.0)
     assert chosen in (1, 2, 4)
@@ -215,7 +215,7 @@ async def test_batches_take_clients_in_turn_and_each_clients_items_in_order():
 
 
 async def test_the_client_comes_from_the_request_context():
-    from ragws.fairness import client_scope
+    from ragws.runtime.fairness import client_scope
 
     fn, batcher, gate = await _gated(max_batch_size=4, max_queue_delay_s=0.0)
     queued = []

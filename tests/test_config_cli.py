@@ -151,7 +151,7 @@ def test_json_log_lines_carry_request_fields(capsys):
 
     configure_logging("info", "json")
     try:
-        logging.getLogger("ragws.session").info(
+        logging.getLogger("ragws.serving.session").info(
             "request layout 'a' on peer: ok in 3.0 ms",
             extra={"event": "request", "request_id": "a", "type": "layout", "outcome": "ok"},
         )

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ragws.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from ragws.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. \\frac{a}{b} = c_{i}^{2}",

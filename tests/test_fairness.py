@@ -8,8 +8,8 @@ import io
 
 import pytest
 
-from ragws import fairness
-from ragws.fairness import FairQueue, client_scope
+from ragws.runtime import fairness
+from ragws.runtime.fairness import FairQueue, client_scope
 
 from .conftest import render_png
 

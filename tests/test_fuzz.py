@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from ragws.config import Settings
-from ragws.server import create_app
+from ragws.serving.app import create_app
 
 # Small limits, so that oversize frames, PDFs and images are cheap to send.
 MAX_FRAME_BYTES = 256 * 1024

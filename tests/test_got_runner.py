@@ -25,15 +25,15 @@ if not hasattr(transformers, "GotOcr2ForConditionalGeneration"):
 
 from transformers import AutoProcessor, GotOcr2ForConditionalGeneration  # noqa: E402
 
-from ragws.kv_slots import SlotAllocator  # noqa: E402
+from ragws.engine.kv_slots import SlotAllocator  # noqa: E402
+from ragws.engine.scheduler import Scheduler  # noqa: E402
+from ragws.engine.sequence import FinishReason, SeqStatus, Sequence  # noqa: E402
 from ragws.models.got_ocr2 import (  # noqa: E402
     HF_REPO,
     GotOcr2Runner,
     ModelUnavailableError,
     derive_image_tokens,
 )
-from ragws.scheduler import Scheduler  # noqa: E402
-from ragws.sequence import FinishReason, SeqStatus, Sequence  # noqa: E402
 from ragws.testing.got_tiny import build_tiny_got_ocr2, synthetic_images  # noqa: E402
 
 MAX_MODEL_LEN = 1536  # a 4-tile crop prompt is ~1070 tokens with the tiny model's 256 per tile

@@ -30,7 +30,7 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from ragws.server import SERVICES
+from ragws.serving.app import SERVICES
 
 MIB = 2**20
 #: The latency a bystander may have while an attack runs: 3× normal, with a floor for the

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from rapidfuzz.distance import Levenshtein
 
-from ragws.line_ocr import split_by_regions
 from ragws.models.ppocr import PpOcrModels
+from ragws.pipeline.ocr.lines import split_by_regions
 
 from .conftest import render_png, render_rgb
 

@@ -300,7 +300,7 @@ async def test_parse_sends_regions_through_the_engine(
     """With GOT-OCR2, parse OCRs each region of a page without text as its own sequence:
     tables in format mode, text in plain mode; each equals generate() alone on the region's
     crop. A born-digital page keeps its text layer, tables included (pymupdf's finder)."""
-    from ragws.structure import dehyphenate
+    from ragws.pipeline.structure import dehyphenate
 
     from .conftest import render_rgb
     from .documents import TABLES_PAGE

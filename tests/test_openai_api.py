@@ -25,7 +25,7 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 openai = pytest.importorskip("openai")
 
-from ragws.detokenizer import IncrementalDetokenizer, StopStrings  # noqa: E402
+from ragws.engine.detokenizer import IncrementalDetokenizer, StopStrings  # noqa: E402
 from ragws.testing.got_tiny import synthetic_images  # noqa: E402
 
 KIND = {"type": "chat_completions"}
@@ -138,7 +138,7 @@ async def test_clients_get_the_websocket_result(
 ):
     """Sync, async, streamed and raw calls: greedy content and usage are the ``ocr`` frame's
     for the same image and prompt (no text: the ``ocr`` default; "OCR: ": mode plain)."""
-    caplog.set_level(logging.INFO, logger="ragws.openai_api")
+    caplog.set_level(logging.INFO, logger="ragws.serving.openai_api")
     server = await got_server(start_server, got_tiny_dir)
     sync, aio = sync_client(server), async_client(server)
     reasons = set()
@@ -593,7 +593,7 @@ async def test_mineru_request_shape_and_unknown_fields(start_server, got_tiny_di
     """MinerU's ``vlm-http-client`` (mineru_vl_utils/vlm_client/http_client.py): the model's
     name from ``/v1/models`` (exactly one), a system message, the image before the text, and
     vLLM's extras, which are ignored and logged once each."""
-    caplog.set_level(logging.INFO, logger="ragws.openai_api")
+    caplog.set_level(logging.INFO, logger="ragws.serving.openai_api")
     server = await got_server(start_server, got_tiny_dir)
     url = server.url
     async with aiohttp.ClientSession() as http:

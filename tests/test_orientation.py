@@ -10,9 +10,9 @@ import numpy as np
 import pymupdf
 import pytest
 
-from ragws.batcher import BatchStats
 from ragws.models.orientation import OrientationModel, rotate
-from ragws.table_service import OrientationService
+from ragws.pipeline.table_service import OrientationService
+from ragws.runtime.batcher import BatchStats
 
 TEXT = (
     "Retrieval systems ingest parsed documents and keep their structure, so that an answer "

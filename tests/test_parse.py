@@ -15,7 +15,7 @@ import pymupdf
 import pytest
 from rapidfuzz.distance import Levenshtein
 
-from ragws.structure import dehyphenate
+from ragws.pipeline.structure import dehyphenate
 
 from . import documents
 from .conftest import render_png

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from ragws.kv_slots import SlotAllocator, SlotsExhausted
-from ragws.scheduler import Scheduler
-from ragws.sequence import FinishReason, SeqStatus, Sequence
+from ragws.engine.kv_slots import SlotAllocator, SlotsExhausted
+from ragws.engine.scheduler import Scheduler
+from ragws.engine.sequence import FinishReason, SeqStatus, Sequence
 
 EOS = 2
 

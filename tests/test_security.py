@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import aiohttp
 
-from ragws.security import LOOPBACK_HOSTS, host_allowed, parse_hosts, parse_origins, split_host
+from ragws.serving.security import (
+    LOOPBACK_HOSTS,
+    host_allowed,
+    parse_hosts,
+    parse_origins,
+    split_host,
+)
 
 KEY = "s3cret-key"
 

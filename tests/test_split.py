@@ -18,8 +18,7 @@ import pymupdf
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from ragws import split
-from ragws.client import AsyncClient, Client, Document, RagwsError
+from ragws.client import AsyncClient, Client, Document, RagwsError, split
 
 from . import documents
 

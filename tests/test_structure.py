@@ -16,8 +16,8 @@ from pathlib import Path
 import pymupdf
 import pytest
 
-from ragws.assemble import chunk_blocks, document_markdown, set_markdown
-from ragws.structure import (
+from ragws.pipeline.assemble import chunk_blocks, document_markdown, set_markdown
+from ragws.pipeline.structure import (
     DocumentStyle,
     PageInput,
     Region,
@@ -28,7 +28,7 @@ from ragws.structure import (
     page_style,
     retype_tabular_regions,
 )
-from ragws.textlayer import TEXT_FLAGS, Line, ocr_line, page_shapes, pdf_lines
+from ragws.pipeline.textlayer import TEXT_FLAGS, Line, ocr_line, page_shapes, pdf_lines
 
 from .test_parse import parse_ws
 
@@ -431,8 +431,8 @@ def test_chunks_and_markdown_of_a_built_document():
 
 
 def test_repeated_furniture_of_ocr_pages_found_at_the_end():
-    from ragws.assemble import Block
-    from ragws.structure import mark_repeated_furniture
+    from ragws.pipeline.assemble import Block
+    from ragws.pipeline.structure import mark_repeated_furniture
 
     pages = []
     for n in range(3):

@@ -12,10 +12,10 @@ import numpy as np
 import pymupdf
 import pytest
 
-from ragws.batcher import BatchStats
 from ragws.models.table_structure import TableStructureModel, parse_structure
-from ragws.table_service import TableStructureService
-from ragws.tables import Cell, Table, table_from_pymupdf, table_from_structure
+from ragws.pipeline.table_service import TableStructureService
+from ragws.pipeline.tables import Cell, Table, table_from_pymupdf, table_from_structure
+from ragws.runtime.batcher import BatchStats
 
 FRUIT = [
     ["Name", "Qty", "Price"],
@@ -211,7 +211,7 @@ def test_server_processes_never_load_the_pymupdf_layout_analyzer():
     """``ragws serve`` refuses pymupdf-layout (non-commercial) even where it is installed, and
     the table finder runs without it: a table is found inside the clip it is given."""
     script = (
-        "from ragws.mupdf_setup import keep_layout_analyzer_out\n"
+        "from ragws.pipeline.mupdf_setup import keep_layout_analyzer_out\n"
         "keep_layout_analyzer_out()\n"
         "import pymupdf\n"
         "assert pymupdf._get_layout is None\n"
@@ -230,7 +230,7 @@ def test_server_processes_never_load_the_pymupdf_layout_analyzer():
         "for r in range(3):\n"
         "    for c in range(2):\n"
         "        page.insert_text((55 + 100 * c, 65 + 20 * r), f'r{r}c{c}')\n"
-        "from ragws.tables import table_from_pymupdf\n"
+        "from ragws.pipeline.tables import table_from_pymupdf\n"
         "t = table_from_pymupdf(page, (40, 40, 260, 120))\n"
         "print(t.n_rows, t.n_cols, t.cells[0].text)\n"
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .base import Detections, LayoutInput, LayoutModel
+from ragws.models.base import Detections, LayoutInput, LayoutModel
 
 if TYPE_CHECKING:
     from .got_ocr2 import GotOcr2Runner
@@ -56,10 +56,10 @@ def load_layout_model(spec: str, device: str = "auto", inference_threads: int = 
     """
     suffix = Path(spec).suffix
     if spec == "doclayout-yolo" or suffix == ".pt":
-        from .doclayout_yolo import DocLayoutYoloModel
+        from ragws.models.doclayout_yolo import DocLayoutYoloModel
 
         return DocLayoutYoloModel(spec, device=resolve_device(device, torch_backend=True))
-    from .layout_onnx import OnnxLayoutModel
+    from ragws.models.layout_onnx import OnnxLayoutModel
 
     return OnnxLayoutModel(
         None if spec == "embedded" else spec,

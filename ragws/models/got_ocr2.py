@@ -1,6 +1,6 @@
 """GOT-OCR2 adapter for the continuous-batching OCR engine.
 
-The engine (``ragws.ocr_engine``) decides who runs; this module owns the tensors. One
+The engine (``ragws.engine.engine``) decides who runs; this module owns the tensors. One
 :meth:`GotOcr2Runner.step` runs the vision tower for every newly admitted sequence, prefills
 them, and decodes one token for every running sequence: the argmax, or for a request that
 samples a draw from its own generator.
@@ -9,7 +9,7 @@ Why the decoder is written out here instead of calling ``model.generate`` or the
 ``forward``: transformers' cache objects grow per request and per batch, so sequences could not
 join or leave a running batch between tokens. Here the KV cache is a set of preallocated
 tensors ``[num_slots, kv_heads, max_model_len, head_dim]`` per layer, and a sequence owns one
-slot (``Sequence.slot``, handed out by :class:`~ragws.kv_slots.SlotAllocator`) from admission
+slot (``Sequence.slot``, handed out by :class:`~ragws.engine.kv_slots.SlotAllocator`) from admission
 to its end. The Qwen2 decoder is replayed over the loaded modules (projections, norms, MLP,
 rotary embedding: the checkpoint's own code and weights) with
 :func:`torch.nn.functional.scaled_dot_product_attention` reading the slot tensors, so
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ragws.sequence import Sequence
+from ragws.engine.sequence import Sequence
 
 __all__ = [
     "HF_REPO",

@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .base import cpu_session, wheel_models
+from ragws.models.base import cpu_session, wheel_models
 
 __all__ = ["ANGLES", "OrientationModel", "embedded_orientation_path", "rotate"]
 

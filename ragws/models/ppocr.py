@@ -46,7 +46,7 @@ from rapidocr.utils.process_img import (
     resize_image_within_bounds,
 )
 
-from .base import cpu_session, wheel_models
+from ragws.models.base import cpu_session, wheel_models
 
 __all__ = [
     "REC_HEIGHT",

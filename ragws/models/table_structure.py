@@ -21,7 +21,7 @@ import numpy as np
 # rapid-table's processing (its package import is light: cv2 and numpy).
 from rapid_table.table_structure.utils import TableLabelDecode, TablePreprocess
 
-from .base import cpu_session, wheel_models
+from ragws.models.base import cpu_session, wheel_models
 
 __all__ = ["INPUT_SIDE", "StructureCell", "TableStructure", "TableStructureModel"]
 

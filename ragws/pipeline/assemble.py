@@ -1,7 +1,7 @@
 """Blocks of a page and what a RAG pipeline stores of them: reading order, markdown, chunks.
 
 The parse pipeline hands this module one page at a time as :class:`Block` s (typed by
-:mod:`ragws.structure`). Here they get:
+:mod:`ragws.pipeline.structure`). Here they get:
 
 * a column-aware reading order (:func:`reading_order`);
 * markdown per block, per page and per document (:func:`render`, :func:`page_markdown`,
@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .tables import Table
+    from ragws.pipeline.tables import Table
 
 BBox = tuple[float, float, float, float]  # x0, y0, x1, y1
 
-#: Block types, whatever layout model found the regions (see ragws.structure).
+#: Block types, whatever layout model found the regions (see ragws.pipeline.structure).
 BLOCK_TYPES: tuple[str, ...] = (
     "title",
     "heading",

@@ -6,8 +6,8 @@ prefill phase), and waiting sequences are admitted into free KV slots while a pe
 token budget lasts. A newcomer's prefill therefore delays running decodes by at most one
 step's worth of prompt tokens.
 
-Waiting sequences are admitted clients in turn (:class:`~ragws.fairness.FairQueue`): one FIFO
-per client, one sequence from each in round robin, so a client with dozens of sequences queued
+Waiting sequences are admitted clients in turn (:class:`~ragws.runtime.fairness.FairQueue`): one
+FIFO per client, one sequence from each in round robin, so a client with dozens of sequences queued
 delays another client's one by at most one admission per active client, not by all of them.
 
 The scheduler never touches tensors and runs on the engine thread only; requests and aborts
@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from .fairness import FairQueue
-from .kv_slots import SlotAllocator
-from .sequence import FinishReason, SeqStatus, Sequence
+from ragws.engine.kv_slots import SlotAllocator
+from ragws.engine.sequence import FinishReason, SeqStatus, Sequence
+from ragws.runtime.fairness import FairQueue
 
 
 @dataclass(slots=True)

@@ -1,8 +1,8 @@
 """OCR service: image bytes in, an async stream of text deltas out.
 
 The event-loop half of the OCR engine. It decodes and prepares the image on the worker pool,
-hands a :class:`~ragws.sequence.Sequence` to the engine thread, and relays the engine's events
-through an asyncio queue. Cancellation is structural: when the consuming task is cancelled (a
+hands a :class:`~ragws.engine.sequence.Sequence` to the engine thread, and relays the engine's
+events through an asyncio queue. Cancellation is structural: when the consuming task is cancelled (a
 ``cancel`` frame, a closed socket, a disconnected HTTP client) the ``finally`` below aborts the
 sequence, and the engine frees its KV slot before its next step.
 """
@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from . import deadlines
-from .config import Settings
-from .metrics import Metrics
-from .ocr_engine import OcrEngine, StepRunner
-from .protocol import ErrorCode, RequestError, bad_request, too_large
-from .sequence import Sampling, Sequence, TokenEvent
+from ragws.config import Settings
+from ragws.engine.engine import OcrEngine, StepRunner
+from ragws.engine.sequence import Sampling, Sequence, TokenEvent
+from ragws.metrics import Metrics
+from ragws.runtime import deadlines
+from ragws.serving.protocol import ErrorCode, RequestError, bad_request, too_large
 
 if TYPE_CHECKING:
-    from .document_pool import DocumentPool
+    from ragws.pipeline.document_pool import DocumentPool
 
 _request_ids = itertools.count(1)
 
@@ -51,7 +51,7 @@ class OcrBackend(Protocol):
     """What the session, the HTTP handlers and the parse pipeline need of an OCR backend.
 
     Implemented by :class:`OcrService` (GOT-OCR2, token streams from the continuous-batching
-    engine) and :class:`~ragws.line_ocr.LineOcrService` (PP-OCR, one event per text line).
+    engine) and :class:`~ragws.pipeline.ocr.lines.LineOcrService` (PP-OCR, one event per text line).
     """
 
     modes: tuple[str, ...]  # accepted ``mode`` values

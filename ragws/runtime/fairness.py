@@ -16,7 +16,7 @@ server's API key is one key shared by every client, so it tells no tenant from a
 keying by it would put everyone back in one queue. Opening more sockets gets more shares;
 ``max_inflight_per_socket`` and ``max_concurrent`` bound what that buys.
 
-The key travels as :mod:`ragws.deadlines`' deadline does: in a context variable, set where a
+The key travels as :mod:`ragws.runtime.deadlines`' deadline does: in a context variable, set where a
 request's task starts (:func:`client_scope`) and carried into every task it starts, so the
 batchers and the engine read it when an item is submitted and no call in between passes it on.
 """

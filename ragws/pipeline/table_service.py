@@ -1,6 +1,6 @@
 """Table structure and page orientation services, batched across every client.
 
-Each wraps one embedded model in a :class:`~ragws.batcher.DynamicBatcher`, as the line OCR
+Each wraps one embedded model in a :class:`~ragws.runtime.batcher.DynamicBatcher`, as the line OCR
 service does: the caller's image is prepared on the shared worker pool, joins the model's queue
 with the items of every other request, and the model runs one call per batch on the batcher's
 thread. Both models take a fixed input size, so any items batch together.
@@ -16,11 +16,18 @@ from typing import TypeVar
 
 import numpy as np
 
-from .batcher import Batched, BatcherStopped, BatchFailed, BatchStats, DynamicBatcher, QueueFull
-from .models.orientation import OrientationModel, rotate
-from .models.table_structure import TableStructure, TableStructureModel
-from .protocol import ErrorCode, RequestError
-from .tables import Table, Word, table_from_structure
+from ragws.models.orientation import OrientationModel, rotate
+from ragws.models.table_structure import TableStructure, TableStructureModel
+from ragws.pipeline.tables import Table, Word, table_from_structure
+from ragws.runtime.batcher import (
+    Batched,
+    BatcherStopped,
+    BatchFailed,
+    BatchStats,
+    DynamicBatcher,
+    QueueFull,
+)
+from ragws.serving.protocol import ErrorCode, RequestError
 
 __all__ = ["OrientationService", "TableStructureService", "rotate"]
 

@@ -2,8 +2,9 @@
 
 For a PDF, the text layer of every selected page is read first (lines with their fonts, in the
 document workers, pages in parallel) and the document's style decided from all of it: body
-size, heading styles, the title, running headers and footers (:func:`ragws.structure.analyze`).
-Then for every page, concurrently up to a window of pages per document:
+size, heading styles, the title, running headers and footers
+(:func:`ragws.pipeline.structure.analyze`). Then for every page, concurrently up to a window of
+pages per document:
 
 1. **render** the page (pymupdf, in a document worker) or take the sent image;
 2. **layout** through the shared dynamic batcher (the same queue as ``layout``/``pdf`` requests);
@@ -18,9 +19,9 @@ Then for every page, concurrently up to a window of pages per document:
    in it (a figure of text, a region drawn as paths), and OCRs pages without a text layer;
 4. **tables**: pymupdf's table finder inside each table region of a born-digital page, else
    the table-structure model on the region's crop with the words already read;
-5. **blocks** (:func:`ragws.structure.build_blocks`): every line in exactly one block, typed by
-   its region and its typography, in reading order; markdown per block
-   (:mod:`ragws.assemble`); at the end the document's markdown and its RAG chunks.
+5. **blocks** (:func:`ragws.pipeline.structure.build_blocks`): every line in exactly one block,
+   typed by its region and its typography, in reading order; markdown per block
+   (:mod:`ragws.pipeline.assemble`); at the end the document's markdown and its RAG chunks.
 
 Pages are yielded as they complete; cancelling the consumer cancels every page task of the
 request, which withdraws its queued layout pages, OCR lines or sequences and table crops.
@@ -40,14 +41,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .assemble import Block, Chunk, chunk_blocks, document_markdown, page_markdown, set_markdown
-from .documents import PdfDocument, encode_jpeg
-from .layout import LayoutService, PdfPlan
-from .metrics import Metrics
-from .models.orientation import rotate
-from .ocr import OcrBackend
-from .protocol import ErrorCode, ParseRequest, RequestError, bad_request
-from .structure import (
+from ragws.metrics import Metrics
+from ragws.models.orientation import rotate
+from ragws.pipeline.assemble import (
+    Block,
+    Chunk,
+    chunk_blocks,
+    document_markdown,
+    page_markdown,
+    set_markdown,
+)
+from ragws.pipeline.documents import PdfDocument, encode_jpeg
+from ragws.pipeline.layout import LayoutService, PdfPlan
+from ragws.pipeline.ocr.vlm import OcrBackend
+from ragws.pipeline.structure import (
     DocumentStyle,
     PageInput,
     Region,
@@ -62,12 +69,13 @@ from .structure import (
     retype_tabular_regions,
     ruled_tables,
 )
-from .textlayer import BBox, Line, Shapes, ocr_line
-from .window import windowed
+from ragws.pipeline.textlayer import BBox, Line, Shapes, ocr_line
+from ragws.runtime.window import windowed
+from ragws.serving.protocol import ErrorCode, ParseRequest, RequestError, bad_request
 
 if TYPE_CHECKING:
-    from .table_service import OrientationService, TableStructureService
-    from .tables import Table
+    from ragws.pipeline.table_service import OrientationService, TableStructureService
+    from ragws.pipeline.tables import Table
 
 #: Region kinds whose text is read when the text layer has none for them.
 READ_KINDS = frozenset({"text", "title", "list", "caption", "footnote", "header", "footer"})

@@ -1,9 +1,9 @@
 """Untrusted bytes in, RGB pages out: image decoding and PDF rendering with hard limits.
 
 Everything here that reads a client's bytes is blocking and runs in the document workers
-(:mod:`ragws.document_pool`): processes with a memory limit, killed when a task takes too
-long. Every failure is a :class:`~ragws.protocol.RequestError` with a message a client can act
-on, except running out of memory, which is a :class:`MemoryError` (the pool answers it
+(:mod:`ragws.pipeline.document_pool`): processes with a memory limit, killed when a task takes too
+long. Every failure is a :class:`~ragws.serving.protocol.RequestError` with a message a client can
+act on, except running out of memory, which is a :class:`MemoryError` (the pool answers it
 ``too_large``, naming its limit).
 
 The server itself holds a :class:`PdfFile` per open document: where the workers find it and
@@ -22,9 +22,9 @@ import numpy as np
 import pymupdf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .protocol import bad_request, too_large
-from .tables import Table, table_from_pymupdf
-from .textlayer import BBox, Line, Shapes, page_shapes, pdf_lines
+from ragws.pipeline.tables import Table, table_from_pymupdf
+from ragws.pipeline.textlayer import BBox, Line, Shapes, page_shapes, pdf_lines
+from ragws.serving.protocol import bad_request, too_large
 
 # The pixel cap is ours (``max_image_pixels``), checked on the header before decoding; PIL's
 # own bomb check would otherwise fire at a different, global threshold.
@@ -296,7 +296,7 @@ class PdfDocument:
 
     def lines(self, page: int) -> tuple[list[Line], Shapes]:
         """The page's text layer as lines with their fonts, and the bullets and ruled areas
-        drawn on it, in PDF points (see :mod:`ragws.textlayer`); no lines for a scan."""
+        drawn on it, in PDF points (see :mod:`ragws.pipeline.textlayer`); no lines for a scan."""
         pdf_page = self._page(page)
         try:
             return pdf_lines(pdf_page), page_shapes(pdf_page)

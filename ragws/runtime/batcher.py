@@ -11,8 +11,8 @@ There is no polling: the collector sleeps until an item arrives or the oldest it
 passes. The model runs on one dedicated thread, so the event loop never blocks on it.
 
 The queue is shared, but not first come, first served: it holds one FIFO per client (the
-connection a request came on, :mod:`ragws.fairness`), and a batch takes items from the clients
-in turn, one each, round robin. So one client's burst of a thousand text lines cannot push
+connection a request came on, :mod:`ragws.runtime.fairness`), and a batch takes items from the
+clients in turn, one each, round robin. So one client's burst of a thousand text lines cannot push
 another client's few lines back by a thousand: they go into the next batch. Within a client,
 items go in the order they came. The knobs keep their meaning across clients: the delay is the
 oldest item's wait in any client's queue, and ``max_queue_size`` bounds all of them together.
@@ -21,7 +21,7 @@ Cancellation is structural: a caller awaits :meth:`DynamicBatcher.submit`; cance
 task cancels the item's future, and the collector skips items whose future is already done.
 So a request whose socket closed never reaches the model, and a result that arrives for a
 cancelled item is dropped. An item taken into a batch disarms its request's deadline
-(:mod:`ragws.deadlines`): from then on the request is being served, not queued.
+(:mod:`ragws.runtime.deadlines`): from then on the request is being served, not queued.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from . import deadlines, fairness
+from ragws.runtime import deadlines, fairness
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class DynamicBatcher(Generic[In, Out]):
         """Queue ``item`` and wait for its result. Cancel the caller to withdraw it.
 
         ``client`` is whose turn the item waits for; by default the client of the request
-        running in this context (:data:`ragws.fairness.current`)."""
+        running in this context (:data:`ragws.runtime.fairness.current`)."""
         if not self.healthy:
             raise BatcherStopped(f"{self.name} is not running")
         if len(self._queue) >= self.max_queue_size:

@@ -3,9 +3,9 @@
 Each admitted request runs as its own task. ``cancel`` cancels that task and the socket closing
 cancels all of them; cancellation propagates into whatever the task awaits (a batcher future,
 a render), so withdrawn work never reaches the model. A request's ``deadline_ms`` cancels it
-the same way if it is still queued then (:mod:`ragws.deadlines`).
+the same way if it is still queued then (:mod:`ragws.runtime.deadlines`).
 
-Frames go out through the socket's bounded send queue (:mod:`ragws.outbox`). When it is
+Frames go out through the socket's bounded send queue (:mod:`ragws.serving.outbox`). When it is
 full, a request that sends pauses where it is, and so only that socket's streams wait for a
 slow reader: a token stream's text gathers and goes out merged, a document's next pages wait
 for the window its sent pages free. A client that stops reading for ``send_stall_timeout_s``
@@ -26,16 +26,18 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
-from . import fairness, protocol
-from .admission import Admission
-from .config import Settings
-from .deadlines import DeadlineExceeded, deadline_scope
-from .layout import LayoutService, PageLayout
-from .metrics import Metrics
-from .ocr import OcrBackend, OcrOptions
-from .outbox import Outbox
-from .parse import ParsedDocument, ParseService
-from .protocol import (
+from ragws.config import Settings
+from ragws.engine.sequence import TokenEvent
+from ragws.metrics import Metrics
+from ragws.pipeline.layout import LayoutService, PageLayout
+from ragws.pipeline.ocr.vlm import OcrBackend, OcrOptions
+from ragws.pipeline.parse import ParsedDocument, ParseService
+from ragws.runtime import fairness
+from ragws.runtime.deadlines import DeadlineExceeded, deadline_scope
+from ragws.serving import protocol
+from ragws.serving.admission import Admission
+from ragws.serving.outbox import Outbox
+from ragws.serving.protocol import (
     CancelRequest,
     ErrorCode,
     LayoutRequest,
@@ -46,8 +48,7 @@ from .protocol import (
     RequestError,
     RequestId,
 )
-from .receive import ReceiveBudget
-from .sequence import TokenEvent
+from ragws.serving.receive import ReceiveBudget
 
 log = logging.getLogger(__name__)
 

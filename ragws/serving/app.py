@@ -25,27 +25,33 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from . import __version__, openai_api, protocol, readiness
-from .admission import Admission
-from .config import Settings
-from .deadlines import MAX_DEADLINE_MS, DeadlineExceeded, deadline_scope
-from .fairness import client_scope, connection_key
-from .layout import LayoutService, PageLayout
-from .line_ocr import LineOcrService
-from .metrics import CONTENT_TYPE, Metrics
-from .models import LayoutModel, load_layout_model, load_ocr_runner
-from .models.orientation import OrientationModel
-from .models.ppocr import PpOcrModels
-from .models.table_structure import TableStructureModel
-from .ocr import OcrBackend, OcrOptions, OcrService
-from .ocr_engine import StepRunner
-from .parse import ParsedDocument, ParsedPage, ParseService
-from .protocol import ErrorCode, RequestError
-from .receive import SMALL_MESSAGE_BYTES, BoundedWebSocketResponse, ReceiveBudget, schedule_trim
-from .security import parse_hosts, security_middleware
-from .sequence import TokenEvent
-from .session import Services, Session, parse_done_frame
-from .table_service import OrientationService, TableStructureService
+from ragws import __version__
+from ragws.config import Settings
+from ragws.engine.engine import StepRunner
+from ragws.engine.sequence import TokenEvent
+from ragws.metrics import CONTENT_TYPE, Metrics
+from ragws.models import LayoutModel, load_layout_model, load_ocr_runner
+from ragws.models.orientation import OrientationModel
+from ragws.models.ppocr import PpOcrModels
+from ragws.models.table_structure import TableStructureModel
+from ragws.pipeline.layout import LayoutService, PageLayout
+from ragws.pipeline.ocr.lines import LineOcrService
+from ragws.pipeline.ocr.vlm import OcrBackend, OcrOptions, OcrService
+from ragws.pipeline.parse import ParsedDocument, ParsedPage, ParseService
+from ragws.pipeline.table_service import OrientationService, TableStructureService
+from ragws.runtime.deadlines import MAX_DEADLINE_MS, DeadlineExceeded, deadline_scope
+from ragws.runtime.fairness import client_scope, connection_key
+from ragws.serving import openai_api, protocol, readiness
+from ragws.serving.admission import Admission
+from ragws.serving.protocol import ErrorCode, RequestError
+from ragws.serving.receive import (
+    SMALL_MESSAGE_BYTES,
+    BoundedWebSocketResponse,
+    ReceiveBudget,
+    schedule_trim,
+)
+from ragws.serving.security import parse_hosts, security_middleware
+from ragws.serving.session import Services, Session, parse_done_frame
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -330,7 +336,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         return _error_response(
             RequestError(ErrorCode.UNAVAILABLE, services.admission.overloaded_message())
         )
-    # The send queue is the session's (ragws.outbox); below it, the connection buffers no
+    # The send queue is the session's (ragws.serving.outbox); below it, the connection buffers no
     # more than this, so send_queue_bytes is what a slow reader can make us hold.
     buffered = min(TRANSPORT_BUFFER, settings.send_queue_bytes)
     ws = BoundedWebSocketResponse(
@@ -792,7 +798,7 @@ async def serve_forever(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully (used by ``ragws serve``).
 
     The port answers from the start (503 "starting" while the models load). Shutdown is
-    :func:`ragws.readiness.drain`: ``/ready`` 503 and ``goaway`` first, then refusals (503,
+    :func:`ragws.serving.readiness.drain`: ``/ready`` 503 and ``goaway`` first, then refusals (503,
     ``overloaded`` on open sockets) with the listener still open, running requests given
     ``shutdown_grace_s``, sockets closed with 1001; then the models are released.
     """

@@ -37,9 +37,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import protocol
-from .config import Settings
-from .session import Services, Session
+from ragws.config import Settings
+from ragws.serving import protocol
+from ragws.serving.session import Services, Session
 
 log = logging.getLogger(__name__)
 

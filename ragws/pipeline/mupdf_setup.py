@@ -18,7 +18,8 @@ def keep_layout_analyzer_out() -> None:
     """Make ``import pymupdf.layout`` fail in this process (pymupdf then runs without it).
 
     Must run before pymupdf is first imported; later, the analyser is already active and only
-    :mod:`ragws.tables`'s explicit ``use_layout=False`` keeps it out of the table finder."""
+    :mod:`ragws.pipeline.tables`'s explicit ``use_layout=False`` keeps it out of the table
+    finder."""
     if "pymupdf" not in sys.modules:
         sys.modules.setdefault("pymupdf.layout", None)  # type: ignore[assignment]
     # ... and pymupdf's advice to install it, printed at the first table search, stays unsaid.

@@ -1,11 +1,11 @@
 """Layout service: bytes in, per-page detections out, every page through one shared batcher.
 
-A page's journey: decode (image) or render (PDF) in a document worker (:mod:`ragws.document_pool`,
-processes with a memory and a time limit, which the service owns) → ``prepare`` on the
-preprocess pool → the dynamic batcher → ``predict`` on the inference thread. Decoding and
-preprocessing of later pages overlap with inference of earlier ones, which is where most of the
-gain on a CPU comes from; on a GPU larger batches pay as well. A document's pages render on
-every worker at once.
+A page's journey: decode (image) or render (PDF) in a document worker
+(:mod:`ragws.pipeline.document_pool`, processes with a memory and a time limit, which the service
+owns) → ``prepare`` on the preprocess pool → the dynamic batcher → ``predict`` on the inference
+thread. Decoding and preprocessing of later pages overlap with inference of earlier ones, which is
+where most of the gain on a CPU comes from; on a GPU larger batches pay as well. A document's pages
+render on every worker at once.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from typing import TypeVar
 
 import numpy as np
 
-from .batcher import Batched, BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
-from .config import Settings
-from .document_pool import DocumentPool
-from .documents import PdfDocument, PdfFile, PdfLimits, encode_jpeg
-from .metrics import Metrics
-from .models.base import Detections, LayoutInput, LayoutModel
-from .protocol import ErrorCode, RequestError
-from .window import windowed
+from ragws.config import Settings
+from ragws.metrics import Metrics
+from ragws.models.base import Detections, LayoutInput, LayoutModel
+from ragws.pipeline.document_pool import DocumentPool
+from ragws.pipeline.documents import PdfDocument, PdfFile, PdfLimits, encode_jpeg
+from ragws.runtime.batcher import Batched, BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
+from ragws.runtime.window import windowed
+from ragws.serving.protocol import ErrorCode, RequestError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -12,9 +12,9 @@ Lines come back in reading order (top to bottom, then left to right) as soon as 
 all lines before it are recognised. Cancelling the consuming task cancels its lines' futures,
 and the recognition batcher drops them before they reach the model.
 
-The service speaks the same stream as the GOT-OCR2 service (:class:`~ragws.sequence.TokenEvent`
-deltas whose concatenation is the text), with each line's ``box`` and ``score`` attached, so a
-client need not know which backend answers.
+The service speaks the same stream as the GOT-OCR2 service
+(:class:`~ragws.engine.sequence.TokenEvent` deltas whose concatenation is the text), with each
+line's ``box`` and ``score`` attached, so a client need not know which backend answers.
 """
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from .assemble import area
-from .batcher import Batched, BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
-from .config import Settings
-from .detokenizer import StopStrings
-from .metrics import Metrics
-from .models.ppocr import TEXT_SCORE, DetInput, LineInput, PpOcrModels, TextLine, quad_bounds
-from .ocr import OcrOptions, clamp_box, crop_box
-from .protocol import ErrorCode, RequestError, bad_request
-from .sequence import FinishReason, TokenEvent
+from ragws.config import Settings
+from ragws.engine.detokenizer import StopStrings
+from ragws.engine.sequence import FinishReason, TokenEvent
+from ragws.metrics import Metrics
+from ragws.models.ppocr import TEXT_SCORE, DetInput, LineInput, PpOcrModels, TextLine, quad_bounds
+from ragws.pipeline.assemble import area
+from ragws.pipeline.ocr.vlm import OcrOptions, clamp_box, crop_box
+from ragws.runtime.batcher import Batched, BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
+from ragws.serving.protocol import ErrorCode, RequestError, bad_request
 
 if TYPE_CHECKING:
-    from .document_pool import DocumentPool
+    from ragws.pipeline.document_pool import DocumentPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

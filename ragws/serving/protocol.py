@@ -16,8 +16,8 @@ from typing import Any
 
 import msgpack
 
-from . import __version__
-from .deadlines import MAX_DEADLINE_MS
+from ragws import __version__
+from ragws.runtime.deadlines import MAX_DEADLINE_MS
 
 PROTOCOL_VERSION = 1
 

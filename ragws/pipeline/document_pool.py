@@ -24,7 +24,7 @@ keeps the few documents it last used open, and a document's pages render on ever
 once. Tasks and results cross a pipe per worker, their large buffers beside them in spool files
 (:class:`Channel`): a rendered page is written once by the worker and mapped by the server, by
 a reader thread per worker, never the event loop. Waiting tasks are served client by client
-(:mod:`ragws.fairness`): one client's 300 pages do not hold up another client's image.
+(:mod:`ragws.runtime.fairness`): one client's 300 pages do not hold up another client's image.
 """
 
 from __future__ import annotations
@@ -48,15 +48,15 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
-from . import fairness
-from .documents import decode_image
-from .fairness import FairQueue
-from .protocol import ErrorCode, RequestError, too_large
+from ragws.pipeline.documents import decode_image
+from ragws.runtime import fairness
+from ragws.runtime.fairness import FairQueue
+from ragws.serving.protocol import ErrorCode, RequestError, too_large
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .documents import PdfFile
+    from ragws.pipeline.documents import PdfFile
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ _buffer_names = itertools.count()
 def _worker_main(conn: Connection, spool: str, memory_mb: int) -> None:
     # Imported here, in the worker: importing it keeps pymupdf's layout analyser out of the
     # process, which the server's own import of pymupdf has long decided.
-    from .document_worker import serve
+    from ragws.pipeline.document_worker import serve
 
     serve(Channel(conn, spool), memory_mb)
 
@@ -249,7 +249,7 @@ class DocumentPool:
         _remove_stale_spools(parent or tempfile.gettempdir())
         self._spool = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", dir=parent)
         if self._context.get_start_method() == "forkserver":
-            self._context.set_forkserver_preload(["ragws.document_worker"])  # type: ignore[attr-defined]
+            self._context.set_forkserver_preload(["ragws.pipeline.document_worker"])  # type: ignore[attr-defined]
         spawned = await asyncio.gather(
             *(self._loop.run_in_executor(None, self._spawn) for _ in range(self.size)),
             return_exceptions=True,
@@ -312,7 +312,7 @@ class DocumentPool:
                 self._withdraw(task)
 
     async def decode_image(self, data: bytes, max_pixels: int) -> np.ndarray:
-        """:func:`ragws.documents.decode_image` in a worker."""
+        """:func:`ragws.pipeline.documents.decode_image` in a worker."""
         return await self.run(decode_image, data, max_pixels, what="decoding the image")
 
     async def store(self, data: bytes) -> str:

@@ -4,8 +4,8 @@
 Tools that call a remote vision model through OpenAI's API (docling's ``ApiVlmOptions``,
 MinerU's ``vlm-http-client``, olmOCR's ``--server``, LangChain's ``ChatOpenAI``, LlamaIndex's
 OpenAI-like classes) reach ragws with one URL change. A chat request becomes an OCR request
-(:class:`~ragws.ocr.OcrOptions`) for the backend that serves the ``ocr`` frame, so its sequence
-joins the same continuous batch as the WebSocket's, under the same admission cap, API key,
+(:class:`~ragws.pipeline.ocr.vlm.OcrOptions`) for the backend that serves the ``ocr`` frame, so its
+sequence joins the same continuous batch as the WebSocket's, under the same admission cap, API key,
 deadlines, fair share, metrics and cancellation (a client that disconnects cancels the task
 that awaits its tokens, and the engine frees the KV slot before its next step).
 
@@ -39,12 +39,12 @@ from typing import Any
 
 from aiohttp import web
 
-from .deadlines import MAX_DEADLINE_MS, DeadlineExceeded, deadline_scope
-from .fairness import client_scope, connection_key
-from .ocr import OcrOptions
-from .protocol import ErrorCode, RequestError, bad_request, shown, too_large
-from .sequence import FinishReason, Sampling, TokenEvent
-from .session import Services
+from ragws.engine.sequence import FinishReason, Sampling, TokenEvent
+from ragws.pipeline.ocr.vlm import OcrOptions
+from ragws.runtime.deadlines import MAX_DEADLINE_MS, DeadlineExceeded, deadline_scope
+from ragws.runtime.fairness import client_scope, connection_key
+from ragws.serving.protocol import ErrorCode, RequestError, bad_request, shown, too_large
+from ragws.serving.session import Services
 
 log = logging.getLogger(__name__)
 

@@ -760,7 +760,7 @@ class AsyncClient:
         sockets (through a load balancer: to several replicas), and is split so by itself when
         it has more pages than the server's ``max_pages``. The pages are put back in order, and
         the markdown and chunks are those of a parse of the whole over one socket
-        (:mod:`ragws.split`). A range whose socket drops, or that a server going away refuses
+        (:mod:`ragws.client.split`). A range whose socket drops, or that a server going away refuses
         or ends with ``shutdown``, is sent again (only that range). ``on_page`` is called
         with each page as it first arrives (for progress).
         """
@@ -812,7 +812,8 @@ class AsyncClient:
     ) -> Document | None:
         """The document parsed in page ranges; None when one request will do (it fits one
         range, or its pages cannot be counted here: the server then says what is wrong)."""
-        from . import split  # pymupdf and the server's assembly: only for split documents
+        # pymupdf and the server's assembly: only for split documents
+        from ragws.client import split
 
         await self._connection()
         selected = list(pages) if pages is not None else None
@@ -840,7 +841,7 @@ class AsyncClient:
     ) -> Document:
         """Parse ``ranges`` of ``selected`` over ``connections`` sockets, one range at a time
         on each, and put the document together."""
-        from . import split
+        from ragws.client import split
 
         started = time.monotonic()
         todo: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()

@@ -4,8 +4,8 @@ Sequences join between steps and leave between steps. Requests and aborts from t
 land in an inbox that the thread drains at the top of every step, so a cancelled sequence
 leaves the batch, and its KV slot is free, before the next step runs. Tokens leave through each
 sequence's ``emit`` (thread-safe), already detokenised into text deltas. A sequence joins the
-waiting queue of the client that submitted it (:mod:`ragws.fairness`), read on the event loop
-at submit time, and the scheduler admits clients in turn.
+waiting queue of the client that submitted it (:mod:`ragws.runtime.fairness`), read on the event
+loop at submit time, and the scheduler admits clients in turn.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import fairness
-from .detokenizer import IncrementalDetokenizer, StopStrings
-from .kv_slots import SlotAllocator
-from .scheduler import ScheduledStep, Scheduler
-from .sequence import FinishReason, Sequence, TokenEvent
+from ragws.engine.detokenizer import IncrementalDetokenizer, StopStrings
+from ragws.engine.kv_slots import SlotAllocator
+from ragws.engine.scheduler import ScheduledStep, Scheduler
+from ragws.engine.sequence import FinishReason, Sequence, TokenEvent
+from ragws.runtime import fairness
 
 log = logging.getLogger(__name__)
 

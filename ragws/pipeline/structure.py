@@ -27,11 +27,11 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .assemble import BBox, Block, area, overlap, reading_order
-from .textlayer import Line, dominant_size
+from ragws.pipeline.assemble import BBox, Block, area, overlap, reading_order
+from ragws.pipeline.textlayer import Line, dominant_size
 
 if TYPE_CHECKING:
-    from .tables import Table
+    from ragws.pipeline.tables import Table
 
 #: Layout region kinds, after :func:`region_kind`.
 REGION_KINDS = frozenset(

@@ -1,4 +1,5 @@
-"""What runs inside a document worker: tasks from :mod:`ragws.document_pool`, one at a time.
+"""What runs inside a document worker: pool tasks (:mod:`ragws.pipeline.document_pool`), one at
+a time.
 
 Imported only in the workers and in the fork server they start from, never in the server: so
 it may keep pymupdf's layout analyser out at import, before pymupdf is first imported.
@@ -6,7 +7,7 @@ it may keep pymupdf's layout analyser out at import, before pymupdf is first imp
 
 from __future__ import annotations
 
-from .mupdf_setup import keep_layout_analyzer_out
+from ragws.pipeline.mupdf_setup import keep_layout_analyzer_out
 
 keep_layout_analyzer_out()
 
@@ -19,9 +20,9 @@ import signal  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 from typing import NoReturn  # noqa: E402
 
-from .document_pool import EXIT_NO_MEMORY, OPEN_DOCUMENTS, Channel  # noqa: E402
-from .documents import PdfDocument, PdfLimits  # noqa: E402
-from .protocol import ErrorCode, RequestError  # noqa: E402
+from ragws.pipeline.document_pool import EXIT_NO_MEMORY, OPEN_DOCUMENTS, Channel  # noqa: E402
+from ragws.pipeline.documents import PdfDocument, PdfLimits  # noqa: E402
+from ragws.serving.protocol import ErrorCode, RequestError  # noqa: E402
 
 PR_SET_PDEATHSIG = 1
 

@@ -8,7 +8,7 @@ server decides the document's style (title, headings, running headers) from ever
 each page comes back as it would from a parse of the whole document. Here the pages are put
 back in order and what a parse of the whole computes at its end is computed again over all of
 them, with the server's own functions: running headers and footers of OCR'd pages
-(:func:`ragws.structure.mark_repeated_furniture`), the document's markdown and its chunks.
+(:func:`ragws.pipeline.structure.mark_repeated_furniture`), the document's markdown and its chunks.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .assemble import Block, chunk_blocks, document_markdown, render
-from .structure import mark_repeated_furniture
+from ragws.pipeline.assemble import Block, chunk_blocks, document_markdown, render
+from ragws.pipeline.structure import mark_repeated_furniture
 
 Frame = dict[str, Any]
 
