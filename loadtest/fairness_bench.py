@@ -60,9 +60,10 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import FIXTURES, PAPER, cpu_name, log
 
+from ragws.bootstrap import create_app
 from ragws.config import Settings
 from ragws.runtime import fairness
-from ragws.serving.app import SERVICES, create_app
+from ragws.serving.services import SERVICES
 
 QUEUES = ("layout", "ocr", "got")
 WAYS = ("alone", "fair", "fcfs")

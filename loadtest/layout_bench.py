@@ -73,11 +73,12 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import loopback_target
 
+from ragws.bootstrap import create_app
 from ragws.config import Settings
 from ragws.models import resolve_device
 from ragws.models.layout_onnx import OnnxLayoutModel
 from ragws.pipeline.documents import decode_image
-from ragws.serving.app import SERVICES, create_app
+from ragws.serving.services import SERVICES
 
 DEFAULT_PDF = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "2310.01889v4.pdf"
 DEFAULT_PASSES = 4  # default --pages: this many passes over the document
@@ -299,7 +300,7 @@ def workers_cpu(target: Target) -> float:
     if target.runner is None:
         return 0.0
     total = 0.0
-    for pid in target.runner.app[SERVICES].layout.documents.pids():
+    for pid in target.runner.app[SERVICES].documents.pool.pids():
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         except OSError:

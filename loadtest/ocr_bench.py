@@ -53,8 +53,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import FIXTURES, cpu_name, log
 
+from ragws.bootstrap import create_app
 from ragws.config import Settings
-from ragws.serving.app import create_app
 from ragws.testing.got_tiny import build_got_ocr2, synthetic_images
 
 

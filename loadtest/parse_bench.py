@@ -44,8 +44,8 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import FIXTURES, cpu_name, log
 
+from ragws.bootstrap import create_app
 from ragws.config import Settings
-from ragws.serving.app import create_app
 
 
 def render(doc: pymupdf.Document, page: int, scale: float) -> np.ndarray:

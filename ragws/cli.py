@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.exit(2, f"ragws: invalid setting: {exc}\n")
         configure_logging(settings.log_level, settings.log_format)
         keep_layout_analyzer_out()
-        from ragws.serving.app import serve_forever  # imported late: keeps --help fast
+        from ragws.bootstrap import serve_forever  # imported late: keeps --help fast
 
         try:
             asyncio.run(serve_forever(settings))

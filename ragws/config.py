@@ -399,6 +399,15 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def truthy(text: object) -> bool:
+    """Whether a flag given as text (an env variable, a form field) says yes."""
+    return str(text).strip().lower() in TRUE_WORDS
+
+
 def setting_fields() -> tuple[dataclasses.Field[Any], ...]:
     return fields(Settings)
 
@@ -409,10 +418,9 @@ def _coerce(name: str, kind: type, raw: Any, source: str) -> Any:
         if kind is bool:
             if isinstance(raw, bool):
                 return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
+            if truthy(raw):
                 return True
-            if text in ("0", "false", "no", "off"):
+            if str(raw).strip().lower() in FALSE_WORDS:
                 return False
             raise ValueError(raw)
         if kind is int and isinstance(raw, float) and not raw.is_integer():

@@ -16,8 +16,8 @@ import pymupdf
 import pytest
 from aiohttp import web
 
+from ragws.bootstrap import create_app
 from ragws.config import Settings
-from ragws.serving.app import create_app
 
 from . import documents
 

@@ -6,19 +6,12 @@ import random
 
 import pytest
 
-from ragws.pipeline.assemble import (
-    BLOCK_TYPES,
-    FURNITURE,
-    HEADINGS,
-    Block,
-    Chunk,
-    chunk_blocks,
-    document_markdown,
-    page_markdown,
-    reading_order,
-    render,
-)
+from ragws.pipeline.blocks import BLOCK_TYPES, FURNITURE, HEADINGS, Block
+from ragws.pipeline.chunks import Chunk, chunk_blocks
+from ragws.pipeline.markdown import document_markdown, page_markdown, render
+from ragws.pipeline.reading_order import reading_order
 from ragws.pipeline.structure import REGION_KINDS, region_kind
+from ragws.serving.frames import block_fields, chunk_fields
 
 W, H = 1000.0, 1400.0
 
@@ -123,7 +116,7 @@ def test_block_rejects_unknown_type_and_serialises():
     with pytest.raises(ValueError, match="unknown block type"):
         Block("plain text", (0, 0, 1, 1), 0)
     b = Block("text", (1.234, 2.0, 3.456, 4.0), 3, "hi", "ocr", 0.987654, 2)
-    assert b.to_dict() == {
+    assert block_fields(b) == {
         "type": "text",
         "bbox": [1.23, 2.0, 3.46, 4.0],
         "text": "hi",
@@ -133,11 +126,11 @@ def test_block_rejects_unknown_type_and_serialises():
         "score": 0.9877,
     }
     b.image = b"\xff\xd8"
-    assert b.to_dict()["image"] == b"\xff\xd8"
+    assert block_fields(b)["image"] == b"\xff\xd8"
     heading = Block("heading", (0, 0, 1, 1), 0, "2 Methods", level=2)
-    assert heading.to_dict()["level"] == 2 and "items" not in heading.to_dict()
+    assert block_fields(heading)["level"] == 2 and "items" not in block_fields(heading)
     items = [{"text": "a", "level": 0, "marker": "-"}]
-    assert Block("list", (0, 0, 1, 1), 0, "a", items=items).to_dict()["items"] == items
+    assert block_fields(Block("list", (0, 0, 1, 1), 0, "a", items=items))["items"] == items
 
 
 # --- reading order ------------------------------------------------------------------------
@@ -387,8 +380,8 @@ def test_chunk_pages_and_bboxes():
     first = chunks[0]
     assert first.pages == [0, 1]
     assert first.bboxes == [(0, (1, 1, 11, 11)), (0, (2, 2, 12, 12)), (1, (3, 3, 13, 13))]
-    assert first.to_dict()["bboxes"][2] == {"page": 1, "bbox": [3.0, 3.0, 13.0, 13.0]}
-    assert first.to_dict()["pages"] == [0, 1]
+    assert chunk_fields(first)["bboxes"][2] == {"page": 1, "bbox": [3.0, 3.0, 13.0, 13.0]}
+    assert chunk_fields(first)["pages"] == [0, 1]
     assert [c.pages for c in chunks[1:]] == [[2], [2]]
     assert all(c.bboxes == [(2, (4, 4, 14, 14))] for c in chunks[1:])
 
@@ -490,7 +483,7 @@ def test_chunks_carry_their_heading_path():
     assert by_start["text4 word w"] == ["2 Methods", "2.1 Data"]
     assert by_start["## 3 Results"] == ["3 Results"]
     assert by_start["#### 3.0.1 D"] == ["3 Results", "3.0.1 Deep"]
-    assert chunks[-1].to_dict()["headings"] == ["3 Results", "3.0.1 Deep"]
+    assert chunk_fields(chunks[-1])["headings"] == ["3 Results", "3.0.1 Deep"]
 
 
 def test_columns_start_again_under_a_table_set_between_them():

@@ -27,10 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from ragws.errors import ErrorCode, RequestError
 from ragws.pipeline.document_pool import DocumentPool
 from ragws.pipeline.documents import PdfDocument, PdfFile, PdfLimits, decode_image
 from ragws.runtime import fairness
-from ragws.serving.protocol import ErrorCode, RequestError
 
 from .hostile_documents import (
     chunky_png,

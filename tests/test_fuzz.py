@@ -47,8 +47,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
+from ragws.bootstrap import create_app
 from ragws.config import Settings
-from ragws.serving.app import create_app
 
 # Small limits, so that oversize frames, PDFs and images are cheap to send.
 MAX_FRAME_BYTES = 256 * 1024

@@ -130,8 +130,8 @@ def drive(
         for seq, request in zip(run.seqs, requests, strict=True):
             if request.arrive == step:
                 scheduler.add(seq)
-        for request_id in aborts.get(step, []):
-            scheduler.abort(request_id)
+        for seq_id in aborts.get(step, []):
+            scheduler.abort(seq_id)
         scheduled = scheduler.schedule()
         if scheduled:
             run.steps.append(
@@ -174,7 +174,7 @@ def test_staggered_requests_match_solo_generate(
 
     for seq, request in zip(run.seqs, requests, strict=True):
         assert seq.status is SeqStatus.FINISHED and seq.slot is None
-        assert seq.output_ids == reference(request), seq.request_id
+        assert seq.output_ids == reference(request), seq.seq_id
     reasons = [seq.finish_reason for seq in run.seqs]
     assert FinishReason.STOP in reasons and FinishReason.LENGTH in reasons
     assert any(seq.output_ids[-1] in runner.stop_ids for seq in run.seqs)
@@ -228,7 +228,7 @@ def test_decode_over_a_sparse_slot_view(
     run = drive(runner, requests, num_slots=3)
 
     for seq, request in zip(run.seqs, requests, strict=True):
-        assert seq.output_ids == reference(request), seq.request_id
+        assert seq.output_ids == reference(request), seq.seq_id
     assert run.seqs[3].finish_reason is FinishReason.STOP and len(run.seqs[3].output_ids) == 2
     written = [0] * 3  # high-water mark of positions ever written, per slot
     sparse = prefilled_below = stale_in_view = False
@@ -253,8 +253,8 @@ def test_idle_rows_never_write_the_cache(runner: GotOcr2Runner) -> None:
     images = _images(2, seed=6)
     first, second = (runner.prepare(image, mode="plain") for image in images)
 
-    def seq(request_id: int, prompt: Any, slot: int) -> Sequence:
-        out = Sequence(request_id, prompt.prompt_ids, prompt, 8, runner.stop_ids, _ignore)
+    def seq(seq_id: int, prompt: Any, slot: int) -> Sequence:
+        out = Sequence(seq_id, prompt.prompt_ids, prompt, 8, runner.stop_ids, _ignore)
         out.slot = slot
         return out
 

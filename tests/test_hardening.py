@@ -24,7 +24,7 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from ragws.serving.app import SERVICES
+from ragws.serving.services import SERVICES
 
 from .conftest import render_png
 from .documents import PAGES, repeated

@@ -30,7 +30,7 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from ragws.serving.app import SERVICES
+from ragws.serving.services import SERVICES
 
 MIB = 2**20
 #: The latency a bystander may have while an attack runs: 3× normal, with a floor for the
@@ -568,14 +568,14 @@ async def test_a_second_cancellation_still_stops_the_outbox(start_server, monkey
     """The socket's task is cancelled when its client goes, and may be cancelled again while
     it waits for its requests to end: the send queue's writer must end all the same."""
     server = await start_server()
-    layout = server.app[SERVICES].layout
-    close_pdf = layout.close_pdf
+    documents = server.app[SERVICES].documents
+    close_pdf = documents.close_pdf
 
     async def slow_close_pdf(plan: Any) -> None:
         await asyncio.sleep(0.3)  # as when a render still runs on the PDF thread
         await close_pdf(plan)
 
-    monkeypatch.setattr(layout, "close_pdf", slow_close_pdf)
+    monkeypatch.setattr(documents, "close_pdf", slow_close_pdf)
     ws = await RawSocket.connect(server.url)
     await ws.send_frame(msgpack.packb({"type": "pdf", "id": 1, "pdf": text_pdf(3)}))
     sessions = server.app[SERVICES].sessions

@@ -14,7 +14,7 @@ EOS = 2
 
 def seq(rid: int, prompt_len: int = 10, max_tokens: int = 3) -> Sequence:
     return Sequence(
-        request_id=rid,
+        seq_id=rid,
         prompt_ids=list(range(100, 100 + prompt_len)),
         image=None,
         max_tokens=max_tokens,
@@ -41,11 +41,11 @@ def test_admission_never_exceeds_slots_and_decode_goes_every_step():
     for i in range(4):
         sched.add(seq(i))
     step = sched.schedule()
-    assert [s.request_id for s in step.prefill] == [0, 1] and step.decode == []
+    assert [s.seq_id for s in step.prefill] == [0, 1] and step.decode == []
     sched.postprocess(step, [5, 5])
     step = sched.schedule()
-    assert step.prefill == [] and [s.request_id for s in step.decode] == [0, 1]
-    assert [s.request_id for s in sched.waiting] == [2, 3]
+    assert step.prefill == [] and [s.seq_id for s in step.decode] == [0, 1]
+    assert [s.seq_id for s in sched.waiting] == [2, 3]
 
 
 def test_prefill_budget_limits_admissions_per_step_but_not_decodes():
@@ -64,7 +64,7 @@ def test_prompt_longer_than_budget_is_admitted_alone():
     sched.add(seq(0, prompt_len=300))
     sched.add(seq(1, prompt_len=5))
     step = sched.schedule()
-    assert [s.request_id for s in step.prefill] == [0]
+    assert [s.seq_id for s in step.prefill] == [0]
 
 
 def test_finish_on_eos_and_length_frees_slots():
@@ -116,7 +116,7 @@ def test_abort_frees_the_slot_at_once_and_drops_a_token_in_flight():
 
 
 def ids(seqs) -> list[int]:
-    return [s.request_id for s in seqs]
+    return [s.seq_id for s in seqs]
 
 
 def test_waiting_clients_are_admitted_in_turn_each_in_its_own_order():

@@ -16,7 +16,8 @@ from pathlib import Path
 import pymupdf
 import pytest
 
-from ragws.pipeline.assemble import chunk_blocks, document_markdown, set_markdown
+from ragws.pipeline.chunks import chunk_blocks
+from ragws.pipeline.markdown import document_markdown, set_markdown
 from ragws.pipeline.structure import (
     DocumentStyle,
     PageInput,
@@ -431,7 +432,7 @@ def test_chunks_and_markdown_of_a_built_document():
 
 
 def test_repeated_furniture_of_ocr_pages_found_at_the_end():
-    from ragws.pipeline.assemble import Block
+    from ragws.pipeline.blocks import Block
     from ragws.pipeline.structure import mark_repeated_furniture
 
     pages = []

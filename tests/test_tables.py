@@ -16,6 +16,7 @@ from ragws.models.table_structure import TableStructureModel, parse_structure
 from ragws.pipeline.table_service import TableStructureService
 from ragws.pipeline.tables import Cell, Table, table_from_pymupdf, table_from_structure
 from ragws.runtime.batcher import BatchStats
+from ragws.serving.frames import cell_fields
 
 FRUIT = [
     ["Name", "Qty", "Price"],
@@ -76,7 +77,7 @@ def test_ruled_table():
         "| apple | 3 | 1.20 |\n| pear | 5 | 0.80 |\n| plum | 7 | 2.10 |"
     )
     assert table.text() == "Name | Qty | Price\napple | 3 | 1.20\npear | 5 | 0.80\nplum | 7 | 2.10"
-    assert table.cells[4].to_dict() == {
+    assert cell_fields(table.cells[4]) == {
         "row": 1,
         "col": 1,
         "row_span": 1,

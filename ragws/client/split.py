@@ -17,8 +17,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ragws.pipeline.assemble import Block, chunk_blocks, document_markdown, render
+from ragws.pipeline.blocks import Block
+from ragws.pipeline.chunks import chunk_blocks
+from ragws.pipeline.markdown import document_markdown, render
 from ragws.pipeline.structure import mark_repeated_furniture
+from ragws.serving.frames import chunk_fields
 
 Frame = dict[str, Any]
 
@@ -83,4 +86,4 @@ def assemble(
                     block.markdown = render(block)
     markdown = document_markdown(pages, include_furniture=furniture)
     chunks = chunk_blocks(pages, chunk_chars, include_furniture=furniture)
-    return markdown, [chunk.to_dict() for chunk in chunks]
+    return markdown, [chunk_fields(chunk) for chunk in chunks]

@@ -1,41 +1,48 @@
 """The OCR engine: one thread running ``step() = schedule → run → postprocess`` forever.
 
-Sequences join between steps and leave between steps. Requests and aborts from the event loop
-land in an inbox that the thread drains at the top of every step, so a cancelled sequence
-leaves the batch, and its KV slot is free, before the next step runs. Tokens leave through each
-sequence's ``emit`` (thread-safe), already detokenised into text deltas. A sequence joins the
-waiting queue of the client that submitted it (:mod:`ragws.runtime.fairness`), read on the event
-loop at submit time, and the scheduler admits clients in turn.
+The engine owns its model runner (:mod:`ragws.engine.runner`): the OCR service asks it to
+:meth:`~OcrEngine.prepare` a request (on the worker pool), to :meth:`~OcrEngine.submit` the
+prepared request, and to :meth:`~OcrEngine.abort` it, and never touches the runner itself.
+
+Sequences join between steps and leave between steps. Submissions and aborts from the event
+loop land in an inbox (typed items) that each step drains first, the one point where sequences
+are added and aborted, so a cancelled sequence leaves the batch, and its KV slot is free, before
+the step's schedule. Tokens leave through each sequence's ``emit`` (thread-safe), already
+detokenised into text deltas. A sequence joins the waiting queue of the client that submitted it
+(:mod:`ragws.runtime.fairness`), read on the event loop at submit time, and the scheduler admits
+clients in turn.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 from ragws.engine.detokenizer import IncrementalDetokenizer, StopStrings
 from ragws.engine.kv_slots import SlotAllocator
+from ragws.engine.runner import Prepared, StepRunner
 from ragws.engine.scheduler import ScheduledStep, Scheduler
-from ragws.engine.sequence import FinishReason, Sequence, TokenEvent
+from ragws.engine.sequence import FinishReason, GenerationParams, Sequence, TokenEvent
 from ragws.runtime import fairness
 
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "EngineLimits",
+    "EngineStats",
+    "OcrEngine",
+    "PromptTooLong",
+    "StepRunner",
+]
+
 log = logging.getLogger(__name__)
-
-
-class StepRunner(Protocol):
-    """A model adapter that can run one engine step (see ``ragws.models.got_ocr2``)."""
-
-    tokenizer: Any
-    stop_ids: frozenset[int]
-    num_slots: int
-    max_model_len: int
-
-    def step(self, prefill: list[Sequence], decode: list[Sequence]) -> list[int]: ...
 
 
 @dataclass(slots=True)
@@ -50,6 +57,37 @@ class EngineStats:
     step_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """The engine's capacity, as reports (``/health``, metrics) show it."""
+
+    num_slots: int  # sequences decoding at once
+    max_model_len: int  # tokens (prompt and output) of one sequence
+    kv_cache_bytes: int
+
+
+class PromptTooLong(ValueError):
+    """A prepared prompt leaves no room in a KV slot for a single generated token."""
+
+
+@dataclass(frozen=True, slots=True)
+class AddSequence:
+    """Inbox: queue ``seq`` for ``client`` (its fair-share queue)."""
+
+    seq: Sequence
+    client: Hashable | None
+
+
+@dataclass(frozen=True, slots=True)
+class AbortSequence:
+    """Inbox: end sequence ``seq_id`` (cancelled) and free its slot."""
+
+    seq_id: int
+
+
+InboxItem = AddSequence | AbortSequence
+
+
 class OcrEngine:
     def __init__(
         self,
@@ -61,13 +99,24 @@ class OcrEngine:
         self.runner = runner
         self.slots = SlotAllocator(runner.num_slots, runner.max_model_len)
         self.scheduler = Scheduler(self.slots, max_prefill_tokens=max_prefill_tokens)
+        self.limits = EngineLimits(runner.num_slots, runner.max_model_len, runner.kv_cache_bytes())
         self.on_step = on_step
-        self._inbox: deque[tuple[str, Any]] = deque()  # append/popleft are thread-safe
+        self._inbox: deque[InboxItem] = deque()  # append/popleft are thread-safe
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="ragws-ocr", daemon=True)
+        self._seq_ids = itertools.count(1)
         self.healthy = True
         self.steps = 0
+
+    @property
+    def name(self) -> str:
+        return self.runner.name
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for a KV slot (read off the engine thread: a momentary count)."""
+        return len(self.scheduler.waiting)
 
     # --- event-loop side ------------------------------------------------------------------
 
@@ -79,13 +128,66 @@ class OcrEngine:
         self._wake.set()
         self._thread.join(timeout=30)
 
-    def submit(self, seq: Sequence) -> None:
-        """Queue ``seq`` for the client of the request running in this context."""
-        self._inbox.append(("add", (seq, fairness.current.get())))
-        self._wake.set()
+    def prepare(
+        self,
+        image: np.ndarray,
+        *,
+        mode: str = "format",
+        crop: bool = False,
+        prompt: str | None = None,
+        system: str | None = None,
+    ) -> Prepared:
+        """The runner's preprocessing of one RGB page (blocking, no GPU: call it on a worker
+        thread). ValueError for options the model cannot take."""
+        return self.runner.prepare(image, mode=mode, crop=crop, prompt=prompt, system=system)
 
-    def abort(self, request_id: int) -> None:
-        self._inbox.append(("abort", request_id))
+    def submit(
+        self,
+        prompt: Prepared,
+        params: GenerationParams,
+        emit: Callable[[TokenEvent], None],
+        *,
+        on_start: Callable[[], None] | None = None,
+    ) -> int:
+        """Queue a prepared request for the client of the request running in this context;
+        return its ``seq_id`` (for :meth:`abort`).
+
+        ``emit`` gets its events on the engine thread, ``on_start`` is called there when it
+        joins the running batch; both must be thread-safe. PromptTooLong when the prompt leaves
+        no room in a KV slot.
+        """
+        seq = Sequence(
+            seq_id=next(self._seq_ids),
+            prompt_ids=prompt.prompt_ids,
+            image=prompt,
+            max_tokens=params.max_tokens,
+            stop_ids=self.runner.stop_ids,
+            emit=emit,
+            ignore_eos=params.ignore_eos,
+            sampling=params.sampling,
+            stop=params.stop,
+            skip_special_tokens=params.skip_special_tokens,
+            on_start=on_start,
+        )
+        if not self.scheduler.fits(seq):
+            raise PromptTooLong(
+                f"the prompt is {seq.num_prompt_tokens} tokens; max_model_len is "
+                f"{self.slots.max_model_len}"
+            )
+        seq.detok = IncrementalDetokenizer(
+            self.runner.tokenizer,
+            self.runner.stop_ids,
+            skip_special_tokens=seq.skip_special_tokens,
+            stop=StopStrings(seq.stop) if seq.stop else None,
+        )
+        self._send(AddSequence(seq, fairness.current.get()))
+        return seq.seq_id
+
+    def abort(self, seq_id: int) -> None:
+        self._send(AbortSequence(seq_id))
+
+    def _send(self, item: InboxItem) -> None:
+        self._inbox.append(item)
         self._wake.set()
 
     # --- engine thread --------------------------------------------------------------------
@@ -93,12 +195,13 @@ class OcrEngine:
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                self._drain_inbox()
-                if not self.scheduler.has_work():
-                    self._wake.wait()
-                    self._wake.clear()
+                if self._inbox or self.scheduler.has_work():
+                    self.step()
                     continue
-                self.step()
+                # A submission between the check and the wait has set the event already; one
+                # between the wait and the clear is in the inbox, which the loop checks first.
+                self._wake.wait()
+                self._wake.clear()
         except BaseException:
             # Not a step's error (those fail the step's sequences): the thread cannot go on.
             # /health turns unhealthy, new requests are refused at once, and every sequence
@@ -108,61 +211,76 @@ class OcrEngine:
         finally:
             self._fail_all("the OCR engine stopped")
 
+    def step(self) -> None:
+        """One iteration: take in submissions and aborts, schedule, run the model,
+        postprocess (tokens to text, finished sequences out), report."""
+        self._drain_inbox()
+        started = time.monotonic()
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return
+        self._start(scheduled.prefill, started)
+        tokens = self._run(scheduled)
+        ttft = [] if tokens is None else self._postprocess(scheduled, tokens)
+        batch_size = 0 if tokens is None else len(tokens)
+        self._report(batch_size=batch_size, ttft_s=ttft, step_s=time.monotonic() - started)
+
     def _drain_inbox(self) -> None:
+        """The one point where sequences join the scheduler and aborts take effect."""
         if not self._inbox:
             return
         while self._inbox:
-            kind, item = self._inbox.popleft()
-            if kind == "add":
-                seq, client = item
-                seq.detok = IncrementalDetokenizer(
-                    self.runner.tokenizer,
-                    self.runner.stop_ids,
-                    skip_special_tokens=seq.skip_special_tokens,
-                    stop=StopStrings(seq.stop) if seq.stop else None,
-                )
-                self.scheduler.add(seq, client)
-            else:
-                aborted = self.scheduler.abort(item)
-                if aborted is not None:
-                    self._emit_end(aborted, FinishReason.CANCELLED)
+            match self._inbox.popleft():
+                case AddSequence(seq, client):
+                    self.scheduler.add(seq, client)
+                case AbortSequence(seq_id):
+                    aborted = self.scheduler.abort(seq_id)
+                    if aborted is not None:
+                        self._emit_end(aborted, FinishReason.CANCELLED)
         # Gauges move now, not at the next step: an abort may leave nothing to step.
         self._report(batch_size=0, ttft_s=[], step_s=0.0)
 
-    def step(self) -> None:
-        started = time.monotonic()
-        step = self.scheduler.schedule()
-        if not step:
-            return
-        for seq in step.prefill:
-            seq.scheduled_at = started
+    def _start(self, admitted: list[Sequence], now: float) -> None:
+        """Sequences joining the running batch: their start time, and their start hooks."""
+        for seq in admitted:
+            seq.scheduled_at = now
             if seq.on_start is not None:
                 seq.on_start()
+
+    def _run(self, scheduled: ScheduledStep) -> list[int] | None:
+        """The runner's tokens for the step; on an error, what :meth:`_recover` saves."""
         try:
-            tokens = self.runner.step(step.prefill, step.decode)
+            tokens = self.runner.step(scheduled.prefill, scheduled.decode)
         except Exception as exc:
-            recovered = self._recover(step, exc)
-            if recovered is None:
-                self._report(batch_size=0, ttft_s=[], step_s=time.monotonic() - started)
-                return
-            tokens = recovered
-        self.steps += 1
-        finished = set(self.scheduler.postprocess(step, tokens))
-        ttft: list[float] = []
-        for seq in step.prefill + step.decode:
-            if seq.finish_reason is FinishReason.CANCELLED:
-                continue
-            if seq in step.prefill and seq.first_token_at is not None:
-                ttft.append(seq.first_token_at - seq.arrived_at)
-            text = seq.detok.push(seq.last_token)
-            if seq in finished:
-                self._emit_end(seq, seq.finish_reason, text + seq.detok.flush())
-            elif seq.detok.stopped:  # a stop string: the sequence ends, its slot free now
-                self.scheduler.finish(seq, FinishReason.STOP)
-                self._emit_end(seq, FinishReason.STOP, text)
-            elif text:
-                seq.emit(self._event(seq, text))
-        self._report(batch_size=len(tokens), ttft_s=ttft, step_s=time.monotonic() - started)
+            tokens = self._recover(scheduled, exc)
+        if tokens is not None:
+            self.steps += 1
+        return tokens
+
+    def _postprocess(self, scheduled: ScheduledStep, tokens: list[int]) -> list[float]:
+        """Append the tokens, end finished sequences and send each its new text; return the
+        times to first token of the sequences admitted in this step."""
+        finished = set(self.scheduler.postprocess(scheduled, tokens))
+        for seq in scheduled.prefill + scheduled.decode:
+            if seq.finish_reason is not FinishReason.CANCELLED:
+                self._emit_text(seq, finished=seq in finished)
+        return [
+            seq.first_token_at - seq.arrived_at
+            for seq in scheduled.prefill
+            if seq.finish_reason is not FinishReason.CANCELLED and seq.first_token_at is not None
+        ]
+
+    def _emit_text(self, seq: Sequence, *, finished: bool) -> None:
+        """Detokenise the sequence's new token and send the text it completes."""
+        assert seq.detok is not None  # set on submit
+        text = seq.detok.push(seq.last_token)
+        if finished:
+            self._emit_end(seq, seq.finish_reason, text + seq.detok.flush())
+        elif seq.detok.stopped:  # a stop string: the sequence ends, its slot free now
+            self.scheduler.finish(seq, FinishReason.STOP)
+            self._emit_end(seq, FinishReason.STOP, text)
+        elif text:
+            seq.emit(self._event(seq, text))
 
     def _report(self, *, batch_size: int, ttft_s: list[float], step_s: float) -> None:
         if self.on_step is None:
@@ -228,7 +346,7 @@ class OcrEngine:
             seq.emit(event)
 
     def _fail_all(self, error: str) -> None:
-        never_added = [item[0] for kind, item in self._inbox if kind == "add"]
+        never_added = [item.seq for item in self._inbox if isinstance(item, AddSequence)]
         self._inbox.clear()
         waiting = self.scheduler.waiting.drain()
         self._fail([*self.scheduler.running, *waiting, *never_added], error)

@@ -10,8 +10,13 @@ Waiting sequences are admitted clients in turn (:class:`~ragws.runtime.fairness.
 FIFO per client, one sequence from each in round robin, so a client with dozens of sequences queued
 delays another client's one by at most one admission per active client, not by all of them.
 
-The scheduler never touches tensors and runs on the engine thread only; requests and aborts
-from the event loop reach it through the engine's inbox.
+Lengths are one question to the slot allocator (:meth:`Scheduler.fits`): a sequence is accepted
+only if its prompt and a first token fit a slot, and it ends (``length``) when its next token
+would not, so no sequence ever outgrows its slot and nothing else checks lengths.
+
+The scheduler never touches tensors and runs on the engine thread only (but for
+:meth:`Scheduler.fits`, which reads only the slot size); requests and aborts from the event loop
+reach it through the engine's inbox.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ from ragws.runtime.fairness import FairQueue
 
 @dataclass(slots=True)
 class ScheduledStep:
-    prefill: list[Sequence] = field(
-        default_factory=list
-    )  # admitted now: encode, prefill, 1st token
-    decode: list[Sequence] = field(default_factory=list)  # running: one token each
+    # Admitted now: encode, prefill, first token.
+    prefill: list[Sequence] = field(default_factory=list)
+    # Running: one token each.
+    decode: list[Sequence] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.prefill or self.decode)
@@ -48,6 +53,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def fits(self, seq: Sequence) -> bool:
+        """Whether ``seq`` with one more token fits its KV slot: before it is queued (its prompt
+        and a first token), and after each token it gets. Its prompt and output never outnumber
+        ``max_model_len``, so a decode never writes past the slot's end."""
+        return self.slots.fits(seq.num_tokens + 1)
+
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(decode=list(self.running))
         budget = self.max_prefill_tokens
@@ -56,7 +67,7 @@ class Scheduler:
             if step.prefill and seq.num_prompt_tokens > budget:
                 break
             self.waiting.pop()
-            seq.slot = self.slots.allocate(seq.request_id)
+            seq.slot = self.slots.allocate(seq.seq_id)
             seq.status = SeqStatus.RUNNING
             step.prefill.append(seq)
             budget -= seq.num_prompt_tokens
@@ -65,27 +76,30 @@ class Scheduler:
 
     def postprocess(self, step: ScheduledStep, tokens: list[int]) -> list[Sequence]:
         """Append each sequence's new token (prefill first, then decode order); return those
-        that finished, with their slots already free."""
+        that finished, with their slots already free. The slot's end ends a sequence like its
+        ``max_tokens`` does (``length``)."""
         finished: list[Sequence] = []
         for seq, token in zip(step.prefill + step.decode, tokens, strict=True):
             if seq.status is not SeqStatus.RUNNING:  # aborted while the step ran
                 continue
             reason = seq.append(token)
+            if reason is None and not self.fits(seq):
+                reason = FinishReason.LENGTH
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
 
-    def abort(self, request_id: int) -> Sequence | None:
+    def abort(self, seq_id: int) -> Sequence | None:
         """Remove a sequence wherever it is and free its slot; None if it already ended."""
-        queued = next((seq for seq in self.waiting if seq.request_id == request_id), None)
+        queued = next((seq for seq in self.waiting if seq.seq_id == seq_id), None)
         if queued is not None:
             self.waiting.remove(queued)
             queued.status = SeqStatus.FINISHED
             queued.finish_reason = FinishReason.CANCELLED
             return queued
         for seq in self.running:
-            if seq.request_id == request_id:
+            if seq.seq_id == seq_id:
                 self.finish(seq, FinishReason.CANCELLED)
                 return seq
         return None

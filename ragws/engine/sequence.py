@@ -1,8 +1,13 @@
 """A generation request's state inside the OCR engine.
 
-Sequences are created on the event loop, then owned by the engine thread: only the scheduler
-and the runner mutate them. What a client sees leaves through ``emit``, which the engine calls
-from its thread and which must be thread-safe (it hands events to the event loop).
+Sequences are created by the engine when a request is submitted on the event loop, then owned
+by the engine thread: only the scheduler and the runner mutate them. What a client sees leaves
+through ``emit``, which the engine calls from its thread and which must be thread-safe (it hands
+events to the event loop).
+
+A sequence's ``seq_id`` is the engine's own (an int, unique in the engine); the client's id for
+its request (``RequestId`` on the wire, which may collide across clients) never reaches the
+engine.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ragws.engine.detokenizer import IncrementalDetokenizer
 
 
 class SeqStatus(enum.Enum):
@@ -58,11 +65,22 @@ class Sampling:
             raise ValueError(f"invalid sampling settings: {self}")
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """What a request asks of its generation, besides its prompt."""
+
+    max_tokens: int  # the slot's end (max_model_len) may end the text sooner
+    ignore_eos: bool = False
+    sampling: Sampling | None = None  # None: greedy
+    stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+
+
 @dataclass(slots=True, eq=False)
 class Sequence:
-    request_id: int  # engine-wide, unique; not the client's id (clients' ids collide)
+    seq_id: int  # the engine's id, unique in the engine; not the client's request id
     prompt_ids: list[int]
-    image: Any  # backend-specific prepared image (e.g. pixel values)
+    image: Any  # the runner's prepared request (prompt and pixels) until its prefill, then None
     max_tokens: int
     stop_ids: frozenset[int]
     emit: Callable[[TokenEvent], None]
@@ -77,7 +95,7 @@ class Sequence:
     arrived_at: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None
     first_token_at: float | None = None
-    detok: Any = None  # the runner's incremental detokeniser state
+    detok: IncrementalDetokenizer | None = None  # set by the engine on submit
     rng: Any = None  # the runner's random generator, when sampling
     # Called on the engine thread when the sequence joins the running batch; must be
     # thread-safe (the OCR service disarms the request's deadline with it).

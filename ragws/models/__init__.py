@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ragws.models.base import Detections, LayoutInput, LayoutModel
 
 if TYPE_CHECKING:
-    from .got_ocr2 import GotOcr2Runner
+    from ragws.models.got_ocr2 import GotOcr2Runner
 
 __all__ = [
     "Detections",
@@ -80,7 +80,7 @@ def load_ocr_runner(
     """Load the OCR model named by ``--ocr-model`` (``got-ocr2`` or a local directory).
 
     ``kv_cache_mb`` > 0 caps the KV cache at that many MiB (fewer slots if need be)."""
-    from .got_ocr2 import GotOcr2Runner
+    from ragws.models.got_ocr2 import GotOcr2Runner
 
     return GotOcr2Runner(
         spec,

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ragws.config import truthy
 from ragws.models.base import Detections, LayoutInput
 from ragws.models.nms import nms
 
@@ -104,7 +105,7 @@ def resolve_weights(weights: str) -> Path:
         # huggingface_hub reads HF_HUB_OFFLINE once, when it is imported (which doclayout_yolo
         # does); reading it again here honours a setting made later and fails fast instead of
         # retrying the network for ~20 s.
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+        offline = truthy(os.environ.get("HF_HUB_OFFLINE", ""))
         try:
             return Path(
                 hf_hub_download(repo_id=HF_REPO_ID, filename=HF_FILENAME, local_files_only=offline)

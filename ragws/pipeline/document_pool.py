@@ -48,10 +48,10 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
+from ragws.errors import ErrorCode, RequestError, too_large
 from ragws.pipeline.documents import decode_image
 from ragws.runtime import fairness
 from ragws.runtime.fairness import FairQueue
-from ragws.serving.protocol import ErrorCode, RequestError, too_large
 
 if TYPE_CHECKING:
     import numpy as np

@@ -20,9 +20,9 @@ import signal  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 from typing import NoReturn  # noqa: E402
 
+from ragws.errors import ErrorCode, RequestError  # noqa: E402
 from ragws.pipeline.document_pool import EXIT_NO_MEMORY, OPEN_DOCUMENTS, Channel  # noqa: E402
 from ragws.pipeline.documents import PdfDocument, PdfLimits  # noqa: E402
-from ragws.serving.protocol import ErrorCode, RequestError  # noqa: E402
 
 PR_SET_PDEATHSIG = 1
 

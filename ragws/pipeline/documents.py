@@ -2,7 +2,7 @@
 
 Everything here that reads a client's bytes is blocking and runs in the document workers
 (:mod:`ragws.pipeline.document_pool`): processes with a memory limit, killed when a task takes too
-long. Every failure is a :class:`~ragws.serving.protocol.RequestError` with a message a client can
+long. Every failure is a :class:`~ragws.errors.RequestError` with a message a client can
 act on, except running out of memory, which is a :class:`MemoryError` (the pool answers it
 ``too_large``, naming its limit).
 
@@ -22,9 +22,9 @@ import numpy as np
 import pymupdf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ragws.errors import bad_request, too_large
 from ragws.pipeline.tables import Table, table_from_pymupdf
 from ragws.pipeline.textlayer import BBox, Line, Shapes, page_shapes, pdf_lines
-from ragws.serving.protocol import bad_request, too_large
 
 # The pixel cap is ours (``max_image_pixels``), checked on the header before decoding; PIL's
 # own bomb check would otherwise fire at a different, global threshold.

@@ -1,10 +1,10 @@
 """Layout service: bytes in, per-page detections out, every page through one shared batcher.
 
 A page's journey: decode (image) or render (PDF) in a document worker
-(:mod:`ragws.pipeline.document_pool`, processes with a memory and a time limit, which the service
-owns) → ``prepare`` on the preprocess pool → the dynamic batcher → ``predict`` on the inference
-thread. Decoding and preprocessing of later pages overlap with inference of earlier ones, which is
-where most of the gain on a CPU comes from; on a GPU larger batches pay as well. A document's pages
+(:mod:`ragws.pipeline.document_service`, processes with a memory and a time limit) →
+``prepare`` on the preprocess pool → the dynamic batcher → ``predict`` on the inference thread.
+Decoding and preprocessing of later pages overlap with inference of earlier ones, which is where
+most of the gain on a CPU comes from; on a GPU larger batches pay as well. A document's pages
 render on every worker at once.
 """
 
@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -24,11 +23,11 @@ import numpy as np
 from ragws.config import Settings
 from ragws.metrics import Metrics
 from ragws.models.base import Detections, LayoutInput, LayoutModel
-from ragws.pipeline.document_pool import DocumentPool
-from ragws.pipeline.documents import PdfDocument, PdfFile, PdfLimits, encode_jpeg
-from ragws.runtime.batcher import Batched, BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
+from ragws.pipeline.document_service import DocumentService, PdfPlan
+from ragws.pipeline.documents import encode_jpeg
+from ragws.runtime.batcher import Batched, DynamicBatcher
+from ragws.runtime.tasks import in_pool
 from ragws.runtime.window import windowed
-from ragws.serving.protocol import ErrorCode, RequestError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,14 +46,6 @@ class PageLayout:
     jpeg: bytes | None = None  # the rendered page, when the client asked for it
 
 
-@dataclass(frozen=True, slots=True)
-class PdfPlan:
-    """An opened PDF and the pages a request will get."""
-
-    doc: PdfFile
-    pages: list[int]
-
-
 class LayoutService:
     def __init__(
         self,
@@ -62,33 +53,25 @@ class LayoutService:
         settings: Settings,
         metrics: Metrics,
         pool: ThreadPoolExecutor,
+        documents: DocumentService,
     ) -> None:
-        """``pool`` decodes and preprocesses pages; the server shares it with the OCR service."""
+        """``pool`` preprocesses pages (the server shares it with the OCR service);
+        ``documents`` decodes images and renders PDF pages in its worker processes."""
         self.model = model
         self.settings = settings
         self.metrics = metrics
-        self.pdf_limits = PdfLimits(
-            settings.max_pdf_bytes, settings.max_pages, settings.max_image_pixels
-        )
         # A document keeps at most this many pages between render and result, so a long PDF
         # cannot hold hundreds of rendered pages in memory while still filling whole batches.
         self.pages_in_flight = max(8, 2 * settings.layout_batch_size)
         self._pool = pool
-        self.documents = DocumentPool(
-            settings.document_workers or os.cpu_count() or 2,
-            settings.document_worker_memory_mb,
-            settings.document_timeout_s,
-            on_replaced=lambda reason: metrics.document_workers_replaced_total.labels(reason).inc(),
-        )
+        self.documents = documents
         self.batcher: DynamicBatcher[LayoutInput, Detections] | None = None
         self.preferred_batch_size: int | None = None  # configured or measured at start()
 
     async def start(self) -> None:
-        await self.documents.start()
-        self.metrics.document_tasks_waiting.set_function(self.documents.waiting)
         preferred = self.settings.preferred_batch_size
         if preferred is None:
-            preferred = await asyncio.get_running_loop().run_in_executor(
+            preferred = await in_pool(
                 self._pool, choose_batch_size, self.model, self.settings.layout_batch_size
             )
         self.batcher = DynamicBatcher(
@@ -120,7 +103,6 @@ class LayoutService:
     async def stop(self) -> None:
         if self.batcher is not None:
             await self.batcher.stop()
-        await self.documents.stop()
 
     # --- requests -------------------------------------------------------------------------
 
@@ -128,12 +110,8 @@ class LayoutService:
         self, data: bytes, conf: float | None = None, iou: float | None = None
     ) -> PageLayout:
         started = time.monotonic()
-        rgb = await self.decode_image(data)
+        rgb = await self.documents.decode_image(data)
         return await self._detect(rgb, None, conf, iou, started, with_jpeg=False)
-
-    async def decode_image(self, data: bytes) -> np.ndarray:
-        """Decode a client's image in a document worker, under ``max_image_pixels``."""
-        return await self.documents.decode_image(data, self.settings.max_image_pixels)
 
     async def detect_array(
         self, rgb: np.ndarray, page: int | None = None, started: float | None = None
@@ -141,47 +119,6 @@ class LayoutService:
         """The layout of an already decoded or rendered RGB page (the parse pipeline's way in)."""
         started = time.monotonic() if started is None else started
         return await self._detect(rgb, page, None, None, started, with_jpeg=False)
-
-    async def render_page(
-        self, plan: PdfPlan, page: int, scale: float, scale_y: float | None = None
-    ) -> np.ndarray:
-        """Render one page of an open plan (in a document worker)."""
-        return await self.in_worker(
-            plan, PdfDocument.render, page, scale, scale_y, what=f"rendering page {page}"
-        )
-
-    async def page_words(
-        self, plan: PdfPlan, page: int
-    ) -> list[tuple[float, float, float, float, str, int, int, int]]:
-        """The page's text-layer words, in PDF points (in a document worker)."""
-        return await self.in_worker(
-            plan, PdfDocument.words, page, what=f"reading the words of page {page}"
-        )
-
-    async def in_worker(self, plan: PdfPlan, fn: Callable[..., T], *args: object, what: str) -> T:
-        """``fn(document, *args)`` in a document worker, ``document`` being the plan's PDF
-        opened there (a :class:`PdfDocument`): any call into an open document goes this way.
-        ``fn`` is pickled by name (a method of PdfDocument, a module's function), and
-        ``what`` names the work in the error a time or memory limit ends it with."""
-        return await self.documents.run(fn, *args, doc=plan.doc, what=what)
-
-    async def open_pdf(self, data: bytes, pages: tuple[int, ...] | None) -> PdfPlan:
-        """Open and validate a PDF; errors surface here, before any page frame is sent.
-
-        The caller must :meth:`close_pdf` the plan when done with it.
-        """
-        self.pdf_limits.check_size(len(data))
-        path = await self.documents.store(data)
-        try:
-            stored = PdfFile(path, 0, self.pdf_limits)  # opening it tells its page count
-            count = await self.documents.run(
-                PdfDocument.count_pages, doc=stored, what="opening the pdf"
-            )
-            doc = PdfFile(path, count, self.pdf_limits)
-            return PdfPlan(doc, doc.select(pages))
-        except BaseException:
-            self.documents.discard(path)
-            raise
 
     def detect_pdf(
         self,
@@ -202,13 +139,10 @@ class LayoutService:
 
         async def one_page(page: int) -> PageLayout:
             started = time.monotonic()
-            rgb = await self.render_page(plan, page, scale_x, scale_y)
+            rgb = await self.documents.render_page(plan, page, scale_x, scale_y)
             return await self._detect(rgb, page, conf, iou, started, with_jpeg=images)
 
         return windowed(plan.pages, one_page, self.pages_in_flight)
-
-    async def close_pdf(self, plan: PdfPlan) -> None:
-        self.documents.discard(plan.doc.path)
 
     # --- internals ------------------------------------------------------------------------
 
@@ -224,9 +158,9 @@ class LayoutService:
     ) -> PageLayout:
         conf = self.model.default_conf if conf is None else conf
         iou = self.model.default_iou if iou is None else iou
-        prepared = await self._run(self._pool, self.model.prepare, rgb, conf, iou)
+        prepared = await in_pool(self._pool, self.model.prepare, rgb, conf, iou)
         jpeg_task = (
-            asyncio.ensure_future(self._run(self._pool, encode_jpeg, rgb)) if with_jpeg else None
+            asyncio.ensure_future(in_pool(self._pool, encode_jpeg, rgb)) if with_jpeg else None
         )
         try:
             result = await self._submit(prepared)
@@ -248,18 +182,7 @@ class LayoutService:
 
     async def _submit(self, prepared: LayoutInput) -> Batched[Detections]:
         assert self.batcher is not None, "LayoutService.start() was not awaited"
-        try:
-            return await self.batcher.submit(prepared)
-        except QueueFull as exc:
-            raise RequestError(ErrorCode.OVERLOADED, str(exc)) from None
-        except BatchFailed as exc:
-            raise RequestError(ErrorCode.INTERNAL, f"layout model failed: {exc}") from None
-        except BatcherStopped as exc:
-            raise RequestError(ErrorCode.UNAVAILABLE, f"layout model unavailable: {exc}") from None
-
-    @staticmethod
-    async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        return await self.batcher.submit_request(prepared, "layout model")
 
 
 def choose_batch_size(

@@ -41,19 +41,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ragws.errors import ErrorCode, RequestError, bad_request
 from ragws.metrics import Metrics
 from ragws.models.orientation import rotate
-from ragws.pipeline.assemble import (
-    Block,
-    Chunk,
-    chunk_blocks,
-    document_markdown,
-    page_markdown,
-    set_markdown,
-)
+from ragws.pipeline.blocks import Block
+from ragws.pipeline.chunks import Chunk, chunk_blocks
+from ragws.pipeline.document_service import DocumentService, PdfPlan
 from ragws.pipeline.documents import PdfDocument, encode_jpeg
-from ragws.pipeline.layout import LayoutService, PdfPlan
-from ragws.pipeline.ocr.vlm import OcrBackend
+from ragws.pipeline.layout import LayoutService
+from ragws.pipeline.markdown import document_markdown, page_markdown, set_markdown
+from ragws.pipeline.ocr.backend import OcrBackend
 from ragws.pipeline.structure import (
     DocumentStyle,
     PageInput,
@@ -70,8 +67,8 @@ from ragws.pipeline.structure import (
     ruled_tables,
 )
 from ragws.pipeline.textlayer import BBox, Line, Shapes, ocr_line
+from ragws.runtime.tasks import in_pool
 from ragws.runtime.window import windowed
-from ragws.serving.protocol import ErrorCode, ParseRequest, RequestError, bad_request
 
 if TYPE_CHECKING:
     from ragws.pipeline.table_service import OrientationService, TableStructureService
@@ -83,6 +80,22 @@ READ_KINDS = frozenset({"text", "title", "list", "caption", "footnote", "header"
 STYLES_KEPT = 8
 #: Region kinds GOT-OCR2 reads in ``format`` mode (markup), when the backend has markup.
 MARKUP_KINDS = frozenset({"table", "equation"})
+
+
+@dataclass(frozen=True, slots=True)
+class ParseOptions:
+    """How to parse one document: the pipeline's side of a parse request, whichever API it
+    came on (a WebSocket frame, a ``POST /parse`` form, the client's split ranges)."""
+
+    is_pdf: bool = True  # else an image
+    pages: tuple[int, ...] | None = None  # 0-based; None: every page
+    text: str = "auto"  # where block text comes from: auto, ocr, pdf
+    chunk_chars: int = 1500  # target size of a RAG chunk
+    scale: float = 2.0  # PDF render scale; bboxes are in the rendered pixels
+    figures: bool = False  # attach each figure's crop as JPEG
+    furniture: bool = False  # keep headers and footers in the markdown and chunks
+    # Pages whose text layer decides the document's style; None: the selected pages.
+    style_pages: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -97,21 +110,6 @@ class ParsedPage:
     total_ms: float = 0.0
     pages: int = 1  # pages the request parses, and pages in the document: known from the
     page_count: int = 1  # first frame on, for placeholders and progress
-
-    def to_frame(self, request_id: object) -> dict:
-        return {
-            "type": "page",
-            "id": request_id,
-            "page": self.page,
-            "pages": self.pages,
-            "page_count": self.page_count,
-            "width": self.width,
-            "height": self.height,
-            "blocks": [block.to_dict() for block in self.blocks],
-            "markdown": self.markdown,
-            "source": self.source,
-            "timing": {"layout_ms": round(self.layout_ms, 3), "total_ms": round(self.total_ms, 3)},
-        }
 
 
 @dataclass(slots=True)
@@ -136,72 +134,75 @@ class TextLayer:
 class ParseService:
     def __init__(
         self,
+        documents: DocumentService,
         layout: LayoutService,
         ocr: OcrBackend | None,
         metrics: Metrics,
         pool: ThreadPoolExecutor,
         *,
-        max_image_pixels: int,
         pages_in_flight: int = 4,
         tables: TableStructureService | None = None,
         orientation: OrientationService | None = None,
     ) -> None:
         """``tables`` reads the grid of tables that have no text layer to find it from;
         ``orientation`` rights scanned pages turned by 90, 180 or 270 degrees before layout."""
+        self.documents = documents
         self.layout = layout
         self.ocr = ocr
         self.tables = tables
         self.orientation = orientation
         self.metrics = metrics
         self._pool = pool
-        self._max_pixels = max_image_pixels
         self.pages_in_flight = pages_in_flight
         self._styles: collections.OrderedDict[tuple[bytes, tuple[int, ...]], DocumentStyle] = (
             collections.OrderedDict()
         )
 
-    async def parse(self, request: ParseRequest) -> AsyncIterator[ParsedPage | ParsedDocument]:
-        """Yield each page as it completes (any order), then the whole document."""
-        if request.text == "ocr" and self.ocr is None:
+    async def parse(
+        self, document: bytes, options: ParseOptions
+    ) -> AsyncIterator[ParsedPage | ParsedDocument]:
+        """Yield each page of ``document`` (a PDF's bytes, or an image's) as it completes, in
+        any order, then the whole document."""
+        if options.text == "ocr" and self.ocr is None:
             raise RequestError(
                 ErrorCode.UNSUPPORTED,
                 "text 'ocr' needs an OCR model; this server runs with --ocr-model none",
             )
         done: list[ParsedPage] = []
         page_count = 1
-        if request.is_pdf:
-            plan = await self.layout.open_pdf(request.document, request.pages)
+        if options.is_pdf:
+            plan = await self.documents.open_pdf(document, options.pages)
             page_count = plan.doc.page_count
             try:
                 layer = TextLayer()
-                if request.text != "ocr":
-                    layer = await self._read_text_layer(plan, request)
+                if options.text != "ocr":
+                    layer = await self._read_text_layer(plan, options, document)
                 # Closed explicitly: an abandoned async generator would keep its page tasks
                 # running until garbage collection.
-                async with contextlib.aclosing(self._pdf_pages(plan, layer, request)) as pages:
+                async with contextlib.aclosing(self._pdf_pages(plan, layer, options)) as pages:
                     async for page in pages:
                         page.pages, page.page_count = len(plan.pages), page_count
                         done.append(page)
                         yield page
             finally:
-                await self.layout.close_pdf(plan)
+                await self.documents.close_pdf(plan)
         else:
             started = time.monotonic()
-            rgb = await self.layout.documents.decode_image(request.document, self._max_pixels)
-            page = await self._page(rgb, 0, [], None, None, request, started, None)
+            rgb = await self.documents.decode_image(document)
+            page = await self._page(rgb, 0, [], None, None, options, started, None)
             done.append(page)
             yield page
         done.sort(key=lambda p: p.page)
         if mark_repeated_furniture([(p.height, p.blocks) for p in done]):
             for page in done:
                 set_markdown(page.blocks)
-                page.markdown = page_markdown(page.blocks, include_furniture=request.furniture)
+                page.markdown = page_markdown(page.blocks, include_furniture=options.furniture)
         pages_blocks = [p.blocks for p in done]
         yield ParsedDocument(
             pages=done,
-            markdown=document_markdown(pages_blocks, include_furniture=request.furniture),
+            markdown=document_markdown(pages_blocks, include_furniture=options.furniture),
             chunks=chunk_blocks(
-                pages_blocks, request.chunk_chars, include_furniture=request.furniture
+                pages_blocks, options.chunk_chars, include_furniture=options.furniture
             ),
             page_count=page_count,
         )
@@ -209,23 +210,23 @@ class ParseService:
     # --- pages ----------------------------------------------------------------------------
 
     def _pdf_pages(
-        self, plan: PdfPlan, layer: TextLayer, request: ParseRequest
+        self, plan: PdfPlan, layer: TextLayer, options: ParseOptions
     ) -> AsyncIterator[ParsedPage]:
         # Pages run concurrently so that their layout and OCR work batches, within a window so
         # that a long document holds few rendered pages at once, and its first pages finish
         # (and stream) first instead of every page finishing near the end.
-        scale = request.scale
+        scale = options.scale
 
         async def one(page: int) -> ParsedPage:
             started = time.monotonic()
-            rgb = await self.layout.render_page(plan, page, scale)
+            rgb = await self.documents.render_page(plan, page, scale)
             lines = [line.scaled(scale) for line in layer.lines.get(page, ())]
             drawn = layer.shapes.get(page) or Shapes([], [])
             shapes = Shapes(
                 [_scaled(b, scale) for b in drawn.bullets], [_scaled(g, scale) for g in drawn.grids]
             )
             style = layer.style if lines else None
-            return await self._page(rgb, page, lines, shapes, style, request, started, plan)
+            return await self._page(rgb, page, lines, shapes, style, options, started, plan)
 
         return windowed(plan.pages, one, self.pages_in_flight)
 
@@ -236,15 +237,15 @@ class ParseService:
         lines: list[Line],
         shapes: Shapes | None,
         style: DocumentStyle | None,
-        request: ParseRequest,
+        options: ParseOptions,
         started: float,
         plan: PdfPlan | None,
     ) -> ParsedPage:
-        scan = not lines and request.text != "pdf" and self.ocr is not None
+        scan = not lines and options.text != "pdf" and self.ocr is not None
         if scan and self.orientation is not None:
             angle = await self.orientation.angle(rgb)
             if angle:
-                rgb = await self._run(rotate, rgb, angle)
+                rgb = await in_pool(self._pool, rotate, rgb, angle)
         height, width = rgb.shape[:2]
         layout = await self.layout.detect_array(rgb, page, started)
         layout_ms = (time.monotonic() - started) * 1000
@@ -262,9 +263,9 @@ class ParseService:
             lines, texts = await self._ocr_page(rgb, regions)
             style = page_style(lines, page, height) if lines else DocumentStyle()
             retype_tabular_regions(regions, lines)
-        elif lines and request.text == "auto" and self.ocr is not None:
+        elif lines and options.text == "auto" and self.ocr is not None:
             texts = await self._ocr_regions_without_text(rgb, regions, lines)
-        tables = await self._tables(rgb, regions, lines, plan, page, request.scale)
+        tables = await self._tables(rgb, regions, lines, plan, page, options.scale)
         blocks = build_blocks(
             PageInput(
                 page=page,
@@ -278,7 +279,7 @@ class ParseService:
                 texts=texts,
             )
         )
-        if request.figures:
+        if options.figures:
             await self._attach_figures(rgb, blocks)
         set_markdown(blocks)
         sources = {b.source for b in blocks if b.source != "none"}
@@ -289,7 +290,7 @@ class ParseService:
             width=width,
             height=height,
             blocks=blocks,
-            markdown=page_markdown(blocks, include_furniture=request.furniture),
+            markdown=page_markdown(blocks, include_furniture=options.furniture),
             source=source,
             layout_ms=layout_ms,
             total_ms=(time.monotonic() - started) * 1000,
@@ -353,7 +354,7 @@ class ParseService:
             table = None
             if plan is not None and mine and mine[0].source == "pdf":
                 clip = _scaled(regions[i].bbox, 1 / scale)
-                table = await self.layout.in_worker(
+                table = await self.documents.in_worker(
                     plan, PdfDocument.table, page, clip, what=f"finding the table on page {page}"
                 )
                 if table is not None:
@@ -390,28 +391,30 @@ class ParseService:
                 x0, y0, x1, y1 = (round(v) for v in block.bbox)
                 crop = np.ascontiguousarray(rgb[max(0, y0) : y1, max(0, x0) : x1])
                 if crop.size:
-                    block.image = await self._run(encode_jpeg, crop)
+                    block.image = await in_pool(self._pool, encode_jpeg, crop)
 
-    async def _read_text_layer(self, plan: PdfPlan, request: ParseRequest) -> TextLayer:
+    async def _read_text_layer(
+        self, plan: PdfPlan, options: ParseOptions, document: bytes
+    ) -> TextLayer:
         """Every selected page's lines and shapes (read in the document workers, pages in
         parallel), and the document's style decided from all of them, or from
-        ``request.style_pages`` (a page range parsed as part of a larger selection: decided
+        ``options.style_pages`` (a page range parsed as part of a larger selection: decided
         once per document and selection, and kept for the next ranges)."""
         style, key, wanted = None, None, list(plan.pages)
-        if request.style_pages is not None:
-            if max(request.style_pages) >= plan.doc.page_count:
+        if options.style_pages is not None:
+            if max(options.style_pages) >= plan.doc.page_count:
                 raise bad_request(
                     f"field 'style_pages' lists a page past the end of the document "
                     f"({plan.doc.page_count} pages)"
                 )
-            key = (await self._run(_digest, request.document), request.style_pages)
+            key = (await in_pool(self._pool, _digest, document), options.style_pages)
             style = self._styles.get(key)
             if style is None:
                 selected = set(wanted)
-                wanted += [p for p in request.style_pages if p not in selected]
+                wanted += [p for p in options.style_pages if p not in selected]
         reads = [
             asyncio.ensure_future(
-                self.layout.in_worker(
+                self.documents.in_worker(
                     plan, PdfDocument.text, page, what=f"reading the text of page {page}"
                 )
             )
@@ -428,8 +431,8 @@ class ParseService:
             layer.lines[page], layer.shapes[page] = lines, shapes
             read[page] = (page, height, lines)
         if style is None:
-            decided_by = request.style_pages or plan.pages
-            style = await self._run(analyze, [read[page] for page in decided_by])
+            decided_by = options.style_pages or plan.pages
+            style = await in_pool(self._pool, analyze, [read[page] for page in decided_by])
         if key is not None:
             self._styles[key] = style
             self._styles.move_to_end(key)
@@ -437,9 +440,6 @@ class ParseService:
                 self._styles.popitem(last=False)
         layer.style = style
         return layer
-
-    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
 
 def _digest(document: bytes) -> bytes:

@@ -27,7 +27,9 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ragws.pipeline.assemble import BBox, Block, area, overlap, reading_order
+from ragws.pipeline.blocks import Block
+from ragws.pipeline.geometry import BBox, area, overlap, union
+from ragws.pipeline.reading_order import reading_order
 from ragws.pipeline.textlayer import Line, dominant_size
 
 if TYPE_CHECKING:
@@ -596,7 +598,7 @@ def _join_continuations(blocks: list[Block], starts: set[int], height: float) ->
             and block.source == prev.source
         ):
             prev.text = f"{prev.text}\n{block.text}"
-            prev.bbox = _union(prev.bbox, block.bbox)
+            prev.bbox = union(prev.bbox, block.bbox)
             if prev.items is not None and block.items is not None:
                 prev.items.extend(block.items)
             continue
@@ -611,7 +613,7 @@ def _join_continuations(blocks: list[Block], starts: set[int], height: float) ->
             and not _SENTENCE_END.search(prev.text)
         ):
             prev.text = prose([prev.text, block.text])
-            prev.bbox = _union(prev.bbox, block.bbox)
+            prev.bbox = union(prev.bbox, block.bbox)
             continue
         out.append(block)
     return out
@@ -646,7 +648,7 @@ def _units(page: PageInput) -> list[_Unit]:
             # Not furniture by repetition: the layout class alone does not drop text.
             unit.kind = "text"
         if unit.lines or unit.kind in ("figure", "table", "equation") or unit.region in page.texts:
-            unit.bbox = _union(unit.bbox, *(line.bbox for line in unit.lines))
+            unit.bbox = union(unit.bbox, *(line.bbox for line in unit.lines))
             kept.append(unit)
     kept.extend(_orphan_units(orphans))
     return kept + furniture
@@ -699,7 +701,7 @@ def _orphan_units(lines: list[Line]) -> list[_Unit]:
         last = units[-1] if units else None
         if last is not None and _same_run(last, line):
             last.lines.append(line)
-            last.bbox = _union(last.bbox, line.bbox)
+            last.bbox = union(last.bbox, line.bbox)
         else:
             units.append(_Unit(kind="text", bbox=line.bbox, lines=[line]))
     return units
@@ -715,13 +717,6 @@ def _same_run(run: _Unit, line: Line) -> bool:
         -0.5 * prev.height <= gap <= 1.2 * prev.height
         and run.bbox[0] - reach <= line.bbox[0] <= run.bbox[2] + reach
     )
-
-
-def _union(box: BBox, *others: BBox) -> BBox:
-    x0, y0, x1, y1 = box
-    for o in others:
-        x0, y0, x1, y1 = min(x0, o[0]), min(y0, o[1]), max(x1, o[2]), max(y1, o[3])
-    return x0, y0, x1, y1
 
 
 # --- a unit's blocks -------------------------------------------------------------------------
@@ -764,7 +759,7 @@ def _maker(unit: _Unit, page: PageInput) -> Maker:
         bbox: BBox | None = None,
         **extra: object,
     ) -> Block:
-        box = bbox if bbox is not None else _union(lines[0].bbox, *(ln.bbox for ln in lines))
+        box = bbox if bbox is not None else union(lines[0].bbox, *(ln.bbox for ln in lines))
         source = lines[0].source if lines else ("ocr" if text else "none")
         block = Block(type=kind, bbox=box, page=page.page, text=text, source=source)
         block.score = unit.score

@@ -8,7 +8,6 @@ thread. Both models take a fixed input size, so any items batch together.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,18 +15,16 @@ from typing import TypeVar
 
 import numpy as np
 
+from ragws.errors import ErrorCode, RequestError
 from ragws.models.orientation import OrientationModel, rotate
 from ragws.models.table_structure import TableStructure, TableStructureModel
 from ragws.pipeline.tables import Table, Word, table_from_structure
 from ragws.runtime.batcher import (
     Batched,
-    BatcherStopped,
-    BatchFailed,
     BatchStats,
     DynamicBatcher,
-    QueueFull,
 )
-from ragws.serving.protocol import ErrorCode, RequestError
+from ragws.runtime.tasks import in_pool
 
 __all__ = ["OrientationService", "TableStructureService", "rotate"]
 
@@ -83,17 +80,7 @@ class _BatchedModel:
     async def _submit(self, item: object) -> Batched:
         if self._batcher is None:
             raise RequestError(ErrorCode.UNAVAILABLE, f"the {self.what} service is not running")
-        try:
-            return await self._batcher.submit(item)
-        except QueueFull as exc:
-            raise RequestError(ErrorCode.OVERLOADED, str(exc)) from None
-        except BatchFailed as exc:
-            raise RequestError(ErrorCode.INTERNAL, f"{self.what} failed: {exc}") from None
-        except BatcherStopped as exc:
-            raise RequestError(ErrorCode.UNAVAILABLE, f"{self.what} unavailable: {exc}") from None
-
-    async def _prepare(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await self._batcher.submit_request(item, self.what)
 
 
 class TableStructureService(_BatchedModel):
@@ -105,7 +92,7 @@ class TableStructureService(_BatchedModel):
 
     async def structure(self, crop: np.ndarray) -> TableStructure:
         """The cell grid of an RGB table crop (cell boxes in the crop's pixels)."""
-        prepared = await self._prepare(self.model.prepare, crop)
+        prepared = await in_pool(self._pool, self.model.prepare, crop)
         return (await self._submit(prepared)).output
 
     async def recognize(self, crop: np.ndarray, words: Sequence[Word]) -> Table:
@@ -123,5 +110,5 @@ class OrientationService(_BatchedModel):
 
     async def angle(self, rgb: np.ndarray) -> int:
         """The page's clockwise turn; ``rotate(rgb, angle)`` rights it."""
-        prepared = await self._prepare(self.model.prepare, rgb)
+        prepared = await in_pool(self._pool, self.model.prepare, rgb)
         return (await self._submit(prepared)).output

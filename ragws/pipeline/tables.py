@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import pymupdf
 import pymupdf.table
 
-Box = tuple[float, float, float, float]
+from ragws.pipeline.geometry import BBox, area, overlap, scale
+
 #: A word or line with its box: (x0, y0, x1, y1, text).
 Word = tuple[float, float, float, float, str]
 
@@ -29,17 +30,7 @@ class Cell:
     row_span: int = 1
     col_span: int = 1
     text: str = ""
-    bbox: Box | None = None
-
-    def to_dict(self) -> dict:
-        return {
-            "row": self.row,
-            "col": self.col,
-            "row_span": self.row_span,
-            "col_span": self.col_span,
-            "text": self.text,
-            "bbox": list(self.bbox) if self.bbox is not None else None,
-        }
+    bbox: BBox | None = None
 
 
 @dataclass(slots=True)
@@ -94,13 +85,13 @@ class Table:
     def scaled(self, sx: float, sy: float | None = None) -> Table:
         """The same table with every bbox multiplied (PDF points → rendered pixels)."""
         sy = sx if sy is None else sy
-        return self._mapped(lambda b: _scale(b, sx, sy))
+        return self._mapped(lambda b: scale(b, sx, sy))
 
     def shifted(self, dx: float, dy: float) -> Table:
         """The same table with every bbox moved (crop pixels → page pixels)."""
         return self._mapped(lambda b: (b[0] + dx, b[1] + dy, b[2] + dx, b[3] + dy))
 
-    def _mapped(self, move: Callable[[Box], Box]) -> Table:
+    def _mapped(self, move: Callable[[BBox], BBox]) -> Table:
         cells = [
             Cell(
                 c.row,
@@ -113,10 +104,6 @@ class Table:
             for c in self.cells
         ]
         return Table(cells, self.n_rows, self.n_cols)
-
-
-def _scale(box: Box, sx: float, sy: float) -> Box:
-    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
 def _md_cell(text: str) -> str:
@@ -151,10 +138,10 @@ def table_from_pymupdf(page, clip: Sequence[float] | None = None) -> Table | Non
             for t in found.tables
             if t.row_count >= 2
             and t.col_count >= 2
-            and (clip is None or _inside(t.bbox, clip) >= 0.5 * _area(t.bbox))
+            and (clip is None or overlap(t.bbox, clip) >= 0.5 * area(t.bbox))
         ]
         if candidates:
-            best = max(candidates, key=lambda t: _area(t.bbox))
+            best = max(candidates, key=lambda t: area(t.bbox))
             table = _convert(best, page.get_text("words", clip=best.bbox))
             if strategy == "text":
                 # Rows found from text alignment alone come with empty rows between lines
@@ -163,16 +150,6 @@ def table_from_pymupdf(page, clip: Sequence[float] | None = None) -> Table | Non
             if table.n_rows >= 2 and table.n_cols >= 2:
                 return table
     return None
-
-
-def _inside(box: Sequence[float], clip: Sequence[float]) -> float:
-    w = min(box[2], clip[2]) - max(box[0], clip[0])
-    h = min(box[3], clip[3]) - max(box[1], clip[1])
-    return max(0.0, w) * max(0.0, h)
-
-
-def _area(box: Sequence[float]) -> float:
-    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
 
 def _convert(found, words: Sequence[tuple]) -> Table:
@@ -261,20 +238,14 @@ def table_from_structure(structure, words: Sequence[Word]) -> Table:
     for word in words:
         if not boxed or not word[4].strip():
             continue
-        best = max(boxed, key=lambda i: (_overlap(word, cells[i].bbox), -_gap(word, cells[i].bbox)))
+        best = max(boxed, key=lambda i: (overlap(word, cells[i].bbox), -_gap(word, cells[i].bbox)))
         owned[best].append(word)
     for cell, mine in zip(cells, owned, strict=True):
         cell.text = _reading_order(mine)
     return Table(cells, structure.n_rows, structure.n_cols)
 
 
-def _overlap(word: Sequence[float], box: Box) -> float:
-    dx = min(word[2], box[2]) - max(word[0], box[0])
-    dy = min(word[3], box[3]) - max(word[1], box[1])
-    return max(0.0, dx) * max(0.0, dy)
-
-
-def _gap(word: Sequence[float], box: Box) -> float:
+def _gap(word: Sequence[float], box: BBox) -> float:
     cx, cy = (word[0] + word[2]) / 2, (word[1] + word[3]) / 2
     dx = max(box[0] - cx, 0.0, cx - box[2])
     dy = max(box[1] - cy, 0.0, cy - box[3])

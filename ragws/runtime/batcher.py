@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from ragws.errors import ErrorCode, RequestError
 from ragws.runtime import deadlines, fairness
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,19 @@ class DynamicBatcher(Generic[In, Out]):
         self._queue.push(entry, fairness.current.get() if client is None else client)
         self._arrived.set()
         return await future
+
+    async def submit_request(self, item: In, what: str) -> Batched[Out]:
+        """:meth:`submit`, its failures raised as the errors a client gets: a full queue is
+        ``overloaded``, a failed batch ``internal``, a stopped batcher ``unavailable``
+        (``what`` names the model in the message)."""
+        try:
+            return await self.submit(item)
+        except QueueFull as exc:
+            raise RequestError(ErrorCode.OVERLOADED, str(exc)) from None
+        except BatchFailed as exc:
+            raise RequestError(ErrorCode.INTERNAL, f"{what} failed: {exc}") from None
+        except BatcherStopped as exc:
+            raise RequestError(ErrorCode.UNAVAILABLE, f"{what} unavailable: {exc}") from None
 
     # --- the collector --------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
+from ragws.runtime.tasks import cancel_all
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -35,6 +37,4 @@ async def windowed(
             yield await next_done
             window.release()
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)

@@ -1,7 +1,8 @@
-"""The aiohttp application: routes, thin handlers, start-up and clean-up.
+"""The routes and their thin handlers.
 
 Handlers parse, check admission, hand off to a service and shape the answer. They never touch
-model frameworks; everything slow runs on the services' threads.
+model frameworks; everything slow runs on the services' threads. The application and its
+services are built by :mod:`ragws.bootstrap`.
 """
 
 from __future__ import annotations
@@ -9,54 +10,38 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import importlib
 import json
 import logging
-import os
-import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from ragws import __version__
-from ragws.config import Settings
-from ragws.engine.engine import StepRunner
+from ragws.config import truthy
 from ragws.engine.sequence import TokenEvent
-from ragws.metrics import CONTENT_TYPE, Metrics
-from ragws.models import LayoutModel, load_layout_model, load_ocr_runner
-from ragws.models.orientation import OrientationModel
-from ragws.models.ppocr import PpOcrModels
-from ragws.models.table_structure import TableStructureModel
-from ragws.pipeline.layout import LayoutService, PageLayout
-from ragws.pipeline.ocr.lines import LineOcrService
-from ragws.pipeline.ocr.vlm import OcrBackend, OcrOptions, OcrService
-from ragws.pipeline.parse import ParsedDocument, ParsedPage, ParseService
-from ragws.pipeline.table_service import OrientationService, TableStructureService
+from ragws.errors import ErrorCode, RequestError
+from ragws.metrics import CONTENT_TYPE
+from ragws.pipeline.ocr.backend import OcrOptions, read_text
+from ragws.pipeline.ocr.vlm import OcrService
+from ragws.pipeline.parse import ParsedDocument, ParsedPage
 from ragws.runtime.deadlines import MAX_DEADLINE_MS, DeadlineExceeded, deadline_scope
 from ragws.runtime.fairness import client_scope, connection_key
-from ragws.serving import openai_api, protocol, readiness
-from ragws.serving.admission import Admission
-from ragws.serving.protocol import ErrorCode, RequestError
+from ragws.serving import frames, openai_api, protocol, readiness
 from ragws.serving.receive import (
     SMALL_MESSAGE_BYTES,
     BoundedWebSocketResponse,
-    ReceiveBudget,
     schedule_trim,
 )
-from ragws.serving.security import parse_hosts, security_middleware
-from ragws.serving.session import Services, Session, parse_done_frame
+from ragws.serving.services import SERVICES, SETTINGS
+from ragws.serving.session import Session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SERVICES = web.AppKey("services", Services)
 HTTP_STATUS = {
     ErrorCode.BAD_REQUEST: 400,
     ErrorCode.TOO_LARGE: 413,
@@ -76,7 +61,7 @@ TRANSPORT_BUFFER = 64 * 1024
 def static_dir() -> Path | None:
     """The viewer's files: beside the package in a checkout, under share/ when installed."""
     for candidate in (
-        Path(__file__).resolve().parent.parent / "static",
+        Path(__file__).resolve().parents[2] / "static",
         Path(sys.prefix) / "share" / "ragws" / "static",
     ):
         if (candidate / "index.html").is_file():
@@ -84,23 +69,11 @@ def static_dir() -> Path | None:
     return None
 
 
-def create_app(
-    settings: Settings,
-    *,
-    layout_model: LayoutModel | None = None,
-    ocr_runner: StepRunner | PpOcrModels | None = None,
-) -> web.Application:
-    """Build the application. The model arguments let an embedding program (or a test suite)
-    share models that are already loaded; otherwise the settings name what to load."""
-    allowed_hosts = parse_hosts(settings.allowed_hosts, settings.host)
-    app = web.Application(
-        client_max_size=settings.max_pdf_bytes + 1024 * 1024,
-        middlewares=[
-            security_middleware(settings.api_key, settings.allowed_origins, allowed_hosts)
-        ],
-    )
-    app.cleanup_ctx.append(_services_ctx(settings, layout_model, ocr_runner))
-    readiness.install(app, settings, SERVICES)  # GET /ready, refusals while draining, gauges
+def add_routes(app: web.Application) -> None:
+    """Every route of the server: WebSocket, health, metrics, the seed's HTTP API, parse,
+    readiness, the OpenAI-compatible API and the viewer. The services are read from
+    :data:`~ragws.serving.services.SERVICES` when a request comes."""
+    readiness.install(app, app[SETTINGS], SERVICES)  # GET /ready, refusals while draining
     openai_api.install(app, SERVICES)  # GET /v1/models, POST /v1/chat/completions
     app.router.add_routes(
         [
@@ -120,208 +93,6 @@ def create_app(
 
         app.router.add_get("/", viewer)
         app.router.add_static("/static/", static)
-    return app
-
-
-#: What each optional extra installs that its backends import.
-EXTRA_MODULES = {"got": ("torch", "transformers"), "yolo": ("torch", "doclayout_yolo")}
-
-
-def _load_model(setting: str, spec: str, extra: str | None, load: Callable[[], T]) -> T:
-    """Run a model loader, failing early and clearly: a package the backend needs (an
-    optional extra) is named with the extra that installs it, and a model from the Hugging
-    Face hub that cannot be had says so in seconds (:func:`_from_hub_or_cache`)."""
-    try:
-        for module in EXTRA_MODULES.get(extra or "", ()):
-            importlib.import_module(module)
-        _from_hub_or_cache(spec)
-        return load()
-    except ImportError as exc:
-        if extra is None:
-            raise
-        raise RuntimeError(
-            f"{setting}={spec}: this backend needs {exc.name or 'a package'}, which is not "
-            f"installed; install it with: pip install 'ragws[{extra}]'"
-        ) from exc
-
-
-#: Models fetched from the Hugging Face hub: the setting's value → (repo, a file it has, the fix).
-HUB_MODELS = {
-    "got-ocr2": (
-        "stepfun-ai/GOT-OCR-2.0-hf",
-        "config.json",
-        "download it where the hub is reachable (huggingface-cli download "
-        "stepfun-ai/GOT-OCR-2.0-hf --local-dir DIR) and pass --ocr-model DIR",
-    ),
-    "doclayout-yolo": (
-        "juliozhao/DocLayout-YOLO-DocStructBench",
-        "doclayout_yolo_docstructbench_imgsz1024.pt",
-        "download doclayout_yolo_docstructbench_imgsz1024.pt where the hub is reachable and "
-        "pass its path as --layout-model",
-    ),
-}
-#: How long the hub gets to answer before it counts as unreachable.
-HUB_PROBE_S = 5.0
-
-
-def _from_hub_or_cache(spec: str) -> None:
-    """Before a model is loaded from the Hugging Face hub: when the hub cannot be reached,
-    load it from the local cache offline, or fail at once with one message if it is not
-    there. (huggingface_hub would retry for half a minute, logging every retry twice.)"""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if spec not in HUB_MODELS or offline:
-        return
-    repo, filename, fix = HUB_MODELS[spec]
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    probe = urllib.request.Request(f"{endpoint}/api/models/{repo}", method="HEAD")
-    try:
-        with urllib.request.urlopen(probe, timeout=HUB_PROBE_S):
-            return
-    except urllib.error.HTTPError:
-        return  # it answered: the loader reports what it says
-    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections
-        reason = getattr(exc, "reason", None) or exc
-    # Offline from here on, read by huggingface_hub when it is imported (and set on it if it
-    # already is), so the loader goes to the cache without retrying the network.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    constants.HF_HUB_OFFLINE = True
-    if isinstance(try_to_load_from_cache(repo, filename), str):
-        log.warning("the Hugging Face hub cannot be reached (%s): %s from the cache", reason, repo)
-        return
-    raise RuntimeError(
-        f"{spec}: the Hugging Face hub ({endpoint}) cannot be reached ({reason}) and {repo} "
-        f"is not in the local cache; {fix}"
-    )
-
-
-def _services_ctx(
-    settings: Settings,
-    layout_model: LayoutModel | None,
-    ocr_runner: StepRunner | PpOcrModels | None,
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        model = layout_model or await loop.run_in_executor(
-            None,
-            _load_model,
-            "layout_model",
-            settings.layout_model,
-            "yolo" if settings.layout_model.endswith(("doclayout-yolo", ".pt")) else None,
-            lambda: load_layout_model(
-                settings.layout_model, settings.device, settings.inference_threads
-            ),
-        )
-        runner = ocr_runner
-        if runner is None and settings.ocr_model == "embedded":
-            runner = await loop.run_in_executor(
-                None,
-                lambda: PpOcrModels(
-                    threads=settings.inference_threads, det_max_side=settings.ocr_det_max_side
-                ),
-            )
-        elif runner is None and settings.ocr_model != "none":
-            runner = await loop.run_in_executor(
-                None,
-                _load_model,
-                "ocr_model",
-                settings.ocr_model,
-                "got",
-                lambda: load_ocr_runner(
-                    settings.ocr_model,
-                    settings.device,
-                    num_slots=settings.ocr_batch_size,
-                    max_model_len=settings.max_model_len,
-                    vision_batch=settings.ocr_vision_batch,
-                    kv_cache_mb=settings.ocr_kv_cache_mb,
-                ),
-            )
-        metrics = Metrics()
-        # One pool preprocesses for both services, so their threads never add up to more than
-        # the cores the setting grants (clients' files are decoded in the layout service's
-        # document workers, processes of their own).
-        pool = ThreadPoolExecutor(
-            settings.preprocess_threads or os.cpu_count() or 2, thread_name_prefix="ragws-prep"
-        )
-        layout = LayoutService(model, settings, metrics, pool)
-        if settings.preferred_batch_size is None:
-            log.info(
-                "measuring the layout model's fastest batch size on this machine "
-                "(layout_preferred_batch_size=auto; a few seconds)…"
-            )
-        await layout.start()
-        ocr_service: OcrBackend | None = None
-        if isinstance(runner, PpOcrModels):
-            ocr_service = LineOcrService(runner, settings, metrics, pool, layout.documents)
-        elif runner is not None:
-            ocr_service = OcrService(runner, settings, metrics, pool, layout.documents)
-        if ocr_service is not None:
-            await ocr_service.start()
-        # The page models of the parse pipeline: table structure for tables without a text
-        # layer, and page orientation for scans. Both ship inside their wheels.
-        loop = asyncio.get_running_loop()
-        threads = settings.inference_threads
-        page_models = dict(
-            max_queue_delay_s=settings.max_wait_ms / 1000,
-            max_queue_size=settings.max_concurrent * 64,
-        )
-        tables = TableStructureService(
-            await loop.run_in_executor(None, lambda: TableStructureModel(threads=threads)),
-            pool,
-            **page_models,
-        )
-        orientation = OrientationService(
-            await loop.run_in_executor(None, lambda: OrientationModel(threads=threads)),
-            pool,
-            **page_models,
-        )
-        await tables.start()
-        await orientation.start()
-        app[SERVICES] = Services(
-            settings=settings,
-            metrics=metrics,
-            admission=Admission(
-                settings.max_concurrent, metrics.inflight_requests, metrics.rejected_total
-            ),
-            layout=layout,
-            ocr=ocr_service,
-            parse=ParseService(
-                layout,
-                ocr_service,
-                metrics,
-                pool,
-                max_image_pixels=settings.max_image_pixels,
-                pages_in_flight=settings.parse_pages_in_flight,
-                tables=tables,
-                orientation=orientation,
-            ),
-            hello=protocol.hello_frame(
-                {"layout": model.name, "ocr": ocr_service.name if ocr_service else None},
-                settings.public_limits(),
-                ocr_modes=ocr_service.modes if ocr_service else (),
-                ocr_markup=ocr_service.markup if ocr_service else False,
-            ),
-            limits=protocol.Limits(max_render_scale=settings.max_render_scale),
-            receive=ReceiveBudget(settings.max_receive_buffer_mb * 2**20),
-        )
-        sessions = app[SERVICES].sessions
-        metrics.websocket_send_queue_bytes.set_function(
-            lambda: sum(session.queued_bytes() for session in sessions)
-        )
-        receive = app[SERVICES].receive
-        metrics.receive_buffer_bytes.set_function(lambda: receive.held)
-        try:
-            yield
-        finally:
-            if ocr_service is not None:
-                await ocr_service.stop()
-            await tables.stop()
-            await orientation.stop()
-            await layout.stop()
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    return ctx
 
 
 # --- WebSocket ------------------------------------------------------------------------------
@@ -374,10 +145,10 @@ async def health(request: web.Request) -> web.Response:
     if services.ocr is not None:
         ocr = {"model": services.ocr.name, "healthy": services.ocr.healthy}
         if isinstance(services.ocr, OcrService):
-            runner = services.ocr.runner
-            ocr["kv_slots"] = runner.num_slots
-            ocr["max_model_len"] = runner.max_model_len
-            ocr["kv_cache_mib"] = round(runner.kv_cache_bytes() / 2**20, 1)
+            limits = services.ocr.limits
+            ocr["kv_slots"] = limits.num_slots
+            ocr["max_model_len"] = limits.max_model_len
+            ocr["kv_cache_mib"] = round(limits.kv_cache_bytes / 2**20, 1)
     return web.json_response(
         {
             "status": "ok" if healthy else "unhealthy",
@@ -395,8 +166,8 @@ async def health(request: web.Request) -> web.Response:
             # Frames and bodies still arriving (max_receive_buffer_mb).
             "receive_buffer_bytes": services.receive.held,
             # Serving now (a killed one is being replaced), and tasks waiting for one.
-            "document_workers": services.layout.documents.workers,
-            "document_tasks_waiting": services.layout.documents.waiting(),
+            "document_workers": services.documents.workers,
+            "document_tasks_waiting": services.documents.waiting(),
         },
         status=200 if healthy else 503,
     )
@@ -545,25 +316,14 @@ async def doc_layout(request: web.Request) -> web.StreamResponse:
         scale_y = _form_float(form, "ratio_y", 2.0, 0.0, max_scale)
         started = time.monotonic()
         layout = services.layout
-        plan = await layout.open_pdf(data, None)
+        plan = await services.documents.open_pdf(data, None)
         try:
             detected = layout.detect_pdf(plan, scale=(scale_x, scale_y), iou=iou, images=True)
             async with contextlib.aclosing(detected):  # a disconnect withdraws queued pages
                 pages = [page async for page in detected]
         finally:
-            await layout.close_pdf(plan)
-        elapsed = time.monotonic() - started
-        pages.sort(key=lambda p: p.page or 0)
-        return web.json_response(
-            {
-                "result": [_seed_page(p) for p in pages],
-                "stats": {
-                    "total_page": len(pages),
-                    "time_taken": elapsed,
-                    "page_per_second": len(pages) / max(elapsed, 1e-9),
-                },
-            }
-        )
+            await services.documents.close_pdf(plan)
+        return web.json_response(frames.seed_layout_body(pages, started))
 
     return await _admitted(request, "doc_layout", serve)
 
@@ -596,13 +356,8 @@ async def ocr(request: web.Request) -> web.StreamResponse:
         async with contextlib.aclosing(generate) as events:  # closing aborts the sequence
             if stream:
                 return await _sse(request, events)
-            parts, last = [], None
-            async for event in events:
-                parts.append(event.text)
-                last = event
-        if last is not None and last.error is not None:
-            raise RequestError(ErrorCode.INTERNAL, f"ocr model failed: {last.error}")
-        return web.json_response({"result": "".join(parts)})
+            text, _ = await read_text(events)
+        return web.json_response({"result": text})
 
     return await _admitted(request, "ocr", serve)
 
@@ -624,28 +379,26 @@ async def parse(request: web.Request) -> web.StreamResponse:
         if upload is None or not hasattr(upload, "file"):
             raise protocol.bad_request("missing file field 'file' (a PDF or an image)")
         data = upload.file.read()
-        frame: dict[str, Any] = {"type": "parse", "id": "http"}
-        frame["pdf" if data[:5] == b"%PDF-" else "image"] = data
+        fields: dict[str, Any] = {"pdf" if data[:5] == b"%PDF-" else "image": data}
         for name in ("text", "pages", "chunk_chars", "scale", "figures", "furniture"):
             raw = form.get(name)
             if raw not in (None, ""):
-                frame[name] = _form_value(name, str(raw))
-        parse_request = protocol.parse_request(frame, services.limits)
-        assert isinstance(parse_request, protocol.ParseRequest)
+                fields[name] = _form_value(name, str(raw))
+        document, options = protocol.parse_fields(fields, services.limits)
         started = time.monotonic()
-        results = services.parse.parse(parse_request)
+        results = services.parse.parse(document, options)
         async with contextlib.aclosing(results):  # closing cancels the remaining pages
             if _form_bool(form, "stream"):
                 return await _ndjson(request, results, started)
             pages: list[dict[str, Any]] = []
             async for result in results:
                 if isinstance(result, ParsedDocument):
-                    body = parse_done_frame("http", result, started)
+                    body = frames.parse_done_frame("http", result, started)
                     for key in ("type", "id", "finish_reason", "pages"):
                         body.pop(key)  # "pages" is the list of pages here, not their count
                     pages.sort(key=lambda p: p["page"])
                     return web.json_response({"pages": pages, **_jsonable(body)})
-                pages.append(_jsonable(_page_body(result.to_frame(None))))
+                pages.append(_jsonable(frames.parsed_page_fields(result)))
         raise RuntimeError("the parse pipeline ended without a result")
 
     return await _admitted(request, "parse", serve)
@@ -664,17 +417,13 @@ async def _ndjson(
     result: ParsedPage | ParsedDocument | None = first
     while result is not None:
         if isinstance(result, ParsedDocument):
-            line = parse_done_frame("http", result, started)
+            line = frames.parse_done_frame("http", result, started)
         else:
-            line = result.to_frame("http")
+            line = frames.parsed_page_frame("http", result)
         await response.write(json.dumps(_jsonable(line), ensure_ascii=False).encode() + b"\n")
         result = await anext(results, None)
     await response.write_eof()
     return response
-
-
-def _page_body(frame: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in frame.items() if k not in ("type", "id")}
 
 
 def _jsonable(value: Any) -> Any:
@@ -700,7 +449,7 @@ def _form_value(name: str, raw: str) -> Any:
     except ValueError:
         raise protocol.bad_request(f"field {name!r} is malformed: {protocol.shown(raw)}") from None
     if name in ("figures", "furniture"):
-        return raw.lower() in ("1", "true", "yes", "on")
+        return truthy(raw)
     return raw
 
 
@@ -715,20 +464,13 @@ async def _sse(request: web.Request, events: AsyncIterator[TokenEvent]) -> web.S
     event: TokenEvent | None = first
     while event is not None:
         if event.text:
-            payload: dict[str, Any] = {"token": event.text}
-            if event.box is not None:  # line OCR: where the line is, and its confidence
-                payload["box"] = [round(v, 2) for v in event.box]
-                payload["score"] = round(event.score or 0.0, 4)
+            # The seed's field is "token"; line OCR adds where the line is, and its confidence.
+            payload = {"token": event.text, **frames.token_fields(event)}
+            del payload["text"]
             data = json.dumps(payload, ensure_ascii=False)
             await response.write(f"data: {data}\n\n".encode())
         if event.finish_reason is not None:
-            done = {
-                "finish_reason": event.finish_reason.value,
-                "usage": {
-                    "prompt_tokens": event.prompt_tokens,
-                    "completion_tokens": event.completion_tokens,
-                },
-            }
+            done = {"finish_reason": event.finish_reason.value, "usage": frames.usage(event)}
             if event.error is not None:
                 done["error"] = event.error
             await response.write(f"event: done\ndata: {json.dumps(done)}\n\n".encode())
@@ -739,7 +481,7 @@ async def _sse(request: web.Request, events: AsyncIterator[TokenEvent]) -> web.S
 
 
 def _form_bool(form: dict[str, Any], name: str) -> bool:
-    return str(form.get(name, "false")).lower() in ("1", "true", "yes", "on")
+    return truthy(form.get(name, "false"))
 
 
 def _form_int(form: dict[str, Any], name: str) -> int | None:
@@ -755,83 +497,3 @@ def _form_int(form: dict[str, Any], name: str) -> int | None:
     if value < 1:
         raise protocol.bad_request(f"field {name!r} must be ≥ 1, got {value}")
     return value
-
-
-def _seed_page(page: PageLayout) -> dict[str, Any]:
-    """One page in the seed's shape: regions sorted top-down, integer pixel corners."""
-    det = page.detections
-    order = sorted(range(len(det)), key=lambda i: (float(det.boxes[i][1]), float(det.boxes[i][0])))
-    return {
-        "classes": [det.labels[i] for i in order],
-        "coordinates": [
-            dict(
-                zip(
-                    ("x_min", "y_min", "x_max", "y_max"),
-                    (int(v) for v in det.boxes[i]),
-                    strict=False,
-                )
-            )
-            for i in order
-        ],
-        "scores": [round(float(det.scores[i]), 4) for i in order],
-        "img": base64.b64encode(page.jpeg or b"").decode("ascii"),
-    }
-
-
-def _url(site: web.TCPSite, settings: Settings) -> str:
-    """The address clients use: the bound port (when 0 was asked), a loopback name for a
-    wildcard bind."""
-    port = settings.port
-    server = site._server  # the listening sockets: the only place the bound port is known
-    sockets = getattr(server, "sockets", None) or ()
-    if sockets:
-        port = sockets[0].getsockname()[1]
-    host = settings.host
-    if host in ("", "0.0.0.0", "::"):
-        host = "127.0.0.1"
-    elif ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
-async def serve_forever(settings: Settings) -> None:
-    """Run until SIGINT or SIGTERM, then shut down gracefully (used by ``ragws serve``).
-
-    The port answers from the start (503 "starting" while the models load). Shutdown is
-    :func:`ragws.serving.readiness.drain`: ``/ready`` 503 and ``goaway`` first, then refusals (503,
-    ``overloaded`` on open sockets) with the listener still open, running requests given
-    ``shutdown_grace_s``, sockets closed with 1001; then the models are released.
-    """
-    if parse_hosts(settings.allowed_hosts, settings.host) is None and not settings.allowed_hosts:
-        log.warning(
-            "bound to %s with no allowed_hosts: requests for any Host name are answered, so a "
-            "page whose name is re-resolved to this address (DNS rebinding) can use the "
-            "server; set --allowed-hosts to the names clients use",
-            settings.host,
-        )
-    log.info("ragws %s: loading models…", __version__)
-    runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None)
-    # Bound first, so that the port answers 503 "starting" while the models load.
-    sockets = readiness.bind(settings.host, settings.port)
-    try:
-        async with readiness.answering_while_starting(sockets):
-            await runner.setup()  # loads the models; a bad model fails here
-            sites = [web.SockSite(runner, sock) for sock in sockets]
-            for site in sites:
-                await site.start()
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    log.info("ready on %s (WebSocket at /ws, viewer at /)", _url(sites[0], settings))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-        app = runner.app
-        await readiness.drain(app[readiness.READINESS], app[SERVICES], settings)
-    finally:
-        await runner.cleanup()
-    log.info("stopped")

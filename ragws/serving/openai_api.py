@@ -40,11 +40,12 @@ from typing import Any
 from aiohttp import web
 
 from ragws.engine.sequence import FinishReason, Sampling, TokenEvent
-from ragws.pipeline.ocr.vlm import OcrOptions
+from ragws.errors import ErrorCode, RequestError, bad_request, shown, too_large
+from ragws.pipeline.ocr.backend import OcrOptions, read_text
 from ragws.runtime.deadlines import MAX_DEADLINE_MS, DeadlineExceeded, deadline_scope
 from ragws.runtime.fairness import client_scope, connection_key
-from ragws.serving.protocol import ErrorCode, RequestError, bad_request, shown, too_large
-from ragws.serving.session import Services
+from ragws.serving.outcome import request_ended
+from ragws.serving.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -481,23 +482,14 @@ class OpenAiApi:
             outcome = "cancelled"
             raise
         finally:
-            services.metrics.requests_total.labels(KIND, outcome).inc()
-            total_ms = round((time.monotonic() - started) * 1000, 1)
-            log.info(
-                "request %s %r on %s: %s in %.1f ms",
-                KIND,
-                completion.id,
-                peer,
-                outcome,
-                total_ms,
-                extra={
-                    "event": "request",
-                    "request_id": completion.id,
-                    "socket": peer,
-                    "type": KIND,
-                    "outcome": outcome,
-                    "total_ms": total_ms,
-                },
+            request_ended(
+                log,
+                services.metrics,
+                kind=KIND,
+                request_id=completion.id,
+                peer=peer,
+                outcome=outcome,
+                started=started,
             )
 
     async def _read(self, request: web.Request, services: Services) -> ChatRequest:
@@ -565,15 +557,8 @@ def _deadline(request: web.Request) -> float | None:
 
 
 async def _whole(events: AsyncIterator[TokenEvent], completion: Completion) -> web.Response:
-    parts: list[str] = []
-    last: TokenEvent | None = None
-    async for event in events:
-        parts.append(event.text)
-        last = event
-    assert last is not None and last.finish_reason is not None  # generate() ends on one
-    if last.error is not None:
-        raise RequestError(ErrorCode.INTERNAL, f"ocr model failed: {last.error}")
-    return web.json_response(completion.body("".join(parts), last))
+    text, last = await read_text(events)
+    return web.json_response(completion.body(text, last))
 
 
 async def _stream(

@@ -1,69 +1,30 @@
-"""WebSocket protocol v1: msgpack frames in, typed requests out, result frames back.
+"""WebSocket protocol v1, the way in: msgpack frames read under limits, validated into typed
+requests.
 
 Every frame is one msgpack map in one binary WebSocket message. This module is the only place
-that knows field names and their rules; the session and the HTTP handlers work with the
-dataclasses below. See docs/protocol.md for the specification clients are written against.
+that knows the fields a client sends and their rules; the session and the HTTP handlers work
+with the dataclasses below, and :mod:`ragws.serving.frames` writes every frame that goes back.
+See docs/protocol.md for the specification clients are written against.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from ragws import __version__
+from ragws.errors import ErrorCode, RequestError, RequestId, bad_request, shown, too_large
+from ragws.pipeline.parse import ParseOptions
 from ragws.runtime.deadlines import MAX_DEADLINE_MS
 
 PROTOCOL_VERSION = 1
 
-RequestId = str | int
 MAX_ID_CHARS = 128
 MAX_SELECTED_PAGES = 100_000  # a sanity bound on the list itself; max_pages is the real cap
 MAX_PAGE = 2**31  # page numbers beyond any pdf's; bounds the number echoed in messages
-
-
-class ErrorCode(str, enum.Enum):
-    BAD_REQUEST = "bad_request"
-    TOO_LARGE = "too_large"
-    OVERLOADED = "overloaded"
-    UNSUPPORTED = "unsupported"
-    INTERNAL = "internal"
-    UNAVAILABLE = "unavailable"  # a model service is down (e.g. the OCR engine thread died)
-    TIMEOUT = "timeout"  # HTTP only: still queued at its deadline (WebSocket: done "timeout")
-
-
-class RequestError(Exception):
-    """A request cannot be served; becomes an ``error`` frame (or an HTTP 4xx/5xx)."""
-
-    def __init__(self, code: ErrorCode, message: str, request_id: RequestId | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-
-
-#: How client values appear in error messages: short, and never nested more than a few levels
-#: (a frame's values can nest a thousand levels deep, past what repr() survives).
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
-
-
-def shown(value: Any) -> str:
-    """A client-sent value as an error message may quote it."""
-    return _REPR.repr(value)
-
-
-def bad_request(message: str, request_id: RequestId | None = None) -> RequestError:
-    return RequestError(ErrorCode.BAD_REQUEST, message, request_id)
-
-
-def too_large(message: str, request_id: RequestId | None = None) -> RequestError:
-    return RequestError(ErrorCode.TOO_LARGE, message, request_id)
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -105,16 +66,8 @@ class OcrRequest:
 @dataclass(frozen=True, slots=True)
 class ParseRequest:
     id: RequestId
-    document: bytes
-    is_pdf: bool  # sent as "pdf" (else as "image")
-    pages: tuple[int, ...] | None = None  # 0-based; None: every page
-    text: str = "auto"  # where block text comes from: auto, ocr, pdf (see TEXT_SOURCES)
-    chunk_chars: int = 1500  # target size of a RAG chunk
-    scale: float = 2.0  # PDF render scale; bboxes are in the rendered pixels
-    figures: bool = False  # attach each figure's crop as JPEG
-    furniture: bool = False  # keep headers and footers in the markdown and chunks
-    # Pages whose text layer decides the document's style; None: the selected pages.
-    style_pages: tuple[int, ...] | None = None
+    document: bytes  # sent as "pdf" or as "image" (options.is_pdf tells which)
+    options: ParseOptions
     deadline_ms: float | None = None
 
 
@@ -372,30 +325,36 @@ def parse_request(frame: Any, limits: Limits) -> Request:
 
 
 def _parse_request(frame: Mapping[str, Any], request_id: RequestId, limits: Limits) -> ParseRequest:
-    has_pdf, has_image = frame.get("pdf") is not None, frame.get("image") is not None
+    document, options = parse_fields(frame, limits)
+    return ParseRequest(request_id, document, options, deadline_ms=_deadline(frame))
+
+
+def parse_fields(fields: Mapping[str, Any], limits: Limits) -> tuple[bytes, ParseOptions]:
+    """A parse request's document and options, validated: from a ``parse`` frame, or from
+    the fields of a ``POST /parse`` form given the types a frame carries."""
+    has_pdf, has_image = fields.get("pdf") is not None, fields.get("image") is not None
     if has_pdf == has_image:
         raise bad_request("a parse request needs exactly one of the fields 'pdf' and 'image'")
-    text = _choice(frame, "text", TEXT_SOURCES, "auto")
+    text = _choice(fields, "text", TEXT_SOURCES, "auto")
     if has_image and text == "pdf":
         raise bad_request("field 'text' is 'pdf' but an image has no text layer")
-    if has_image and frame.get("pages") is not None:
+    if has_image and fields.get("pages") is not None:
         raise bad_request("field 'pages' applies to a pdf, not to an image")
-    chunk_chars = _positive_int(frame, "chunk_chars") or 1500
+    chunk_chars = _positive_int(fields, "chunk_chars") or 1500
     if chunk_chars > MAX_CHUNK_CHARS:
         raise bad_request(f"field 'chunk_chars' must be at most {MAX_CHUNK_CHARS}")
-    return ParseRequest(
-        id=request_id,
-        document=_bytes(frame, "pdf" if has_pdf else "image"),
+    document = _bytes(fields, "pdf" if has_pdf else "image")  # checked first, as ever
+    options = ParseOptions(
         is_pdf=has_pdf,
-        pages=_pages(frame),
+        pages=_pages(fields),
         text=text,
         chunk_chars=chunk_chars,
-        scale=_scale(frame, limits.max_render_scale),
-        figures=_bool(frame, "figures", False),
-        furniture=_bool(frame, "furniture", False),
-        style_pages=_pages(frame, "style_pages"),
-        deadline_ms=_deadline(frame),
+        scale=_scale(fields, limits.max_render_scale),
+        figures=_bool(fields, "figures", False),
+        furniture=_bool(fields, "furniture", False),
+        style_pages=_pages(fields, "style_pages"),
     )
+    return document, options
 
 
 def peek_id(frame: Any) -> RequestId | None:
@@ -524,43 +483,3 @@ def _pages(frame: Mapping[str, Any], name: str = "pages") -> tuple[int, ...] | N
     if len(set(value)) != len(value):
         raise bad_request(f"field {name!r} lists a page more than once")
     return tuple(value)
-
-
-# --- frames the server sends ----------------------------------------------------------------
-
-
-def encode(frame: Mapping[str, Any]) -> bytes:
-    return msgpack.packb(frame, use_bin_type=True)
-
-
-def hello_frame(
-    models: Mapping[str, str | None],
-    limits: Mapping[str, Any],
-    *,
-    ocr_modes: tuple[str, ...] = (),
-    ocr_markup: bool = False,
-) -> dict[str, Any]:
-    """``ocr.modes``: the ``mode`` values the OCR backend takes; ``ocr.markup``: whether
-    ``"format"`` yields markup (GOT-OCR2) or the same plain text (line OCR)."""
-    return {
-        "type": "hello",
-        "version": PROTOCOL_VERSION,
-        "server": f"ragws/{__version__}",
-        "models": dict(models),
-        "ocr": {"modes": list(ocr_modes), "markup": ocr_markup},
-        "limits": dict(limits),
-    }
-
-
-def error_frame(request_id: RequestId | None, code: ErrorCode, message: str) -> dict[str, Any]:
-    return {"type": "error", "id": request_id, "code": code.value, "message": message}
-
-
-def done_frame(request_id: RequestId, finish_reason: str, **fields: Any) -> dict[str, Any]:
-    return {"type": "done", "id": request_id, "finish_reason": finish_reason, **fields}
-
-
-def goaway_frame(reason: str) -> dict[str, Any]:
-    """The server is going away: requests in flight on this socket go on to their end; new
-    ones belong on another connection (which a load balancer sends to another replica)."""
-    return {"type": "goaway", "reason": reason}

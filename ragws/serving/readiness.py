@@ -38,8 +38,10 @@ from typing import Any
 from aiohttp import web
 
 from ragws.config import Settings
-from ragws.serving import protocol
-from ragws.serving.session import Services, Session
+from ragws.errors import ErrorCode
+from ragws.serving import frames
+from ragws.serving.services import Services
+from ragws.serving.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ async def ready(request: web.Request) -> web.Response:
 
 def _unavailable(message: str) -> web.Response:
     response = web.json_response(
-        {"error": protocol.ErrorCode.UNAVAILABLE.value, "message": message},
+        {"error": ErrorCode.UNAVAILABLE.value, "message": message},
         status=503,
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
@@ -247,7 +249,7 @@ async def drain(readiness: Readiness, services: Services, settings: Settings) ->
         settings.drain_delay_s,
     )
     sends: set[asyncio.Task[None]] = set()
-    goaway = protocol.goaway_frame("shutdown")
+    goaway = frames.goaway_frame("shutdown")
     while True:
         for session in list(services.sessions):
             if session not in readiness.told:

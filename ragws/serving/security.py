@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from ragws.serving.protocol import shown
+from ragws.errors import shown
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

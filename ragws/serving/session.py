@@ -21,34 +21,29 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
-from ragws.config import Settings
 from ragws.engine.sequence import TokenEvent
-from ragws.metrics import Metrics
-from ragws.pipeline.layout import LayoutService, PageLayout
-from ragws.pipeline.ocr.vlm import OcrBackend, OcrOptions
-from ragws.pipeline.parse import ParsedDocument, ParseService
+from ragws.errors import ErrorCode, RequestError, RequestId
+from ragws.pipeline.ocr.backend import OcrOptions, read_text
+from ragws.pipeline.parse import ParsedDocument
 from ragws.runtime import fairness
 from ragws.runtime.deadlines import DeadlineExceeded, deadline_scope
-from ragws.serving import protocol
-from ragws.serving.admission import Admission
+from ragws.runtime.tasks import cancel_all
+from ragws.serving import frames, protocol
 from ragws.serving.outbox import Outbox
+from ragws.serving.outcome import request_ended
 from ragws.serving.protocol import (
     CancelRequest,
-    ErrorCode,
     LayoutRequest,
     OcrRequest,
     ParseRequest,
     PdfRequest,
     Request,
-    RequestError,
-    RequestId,
 )
-from ragws.serving.receive import ReceiveBudget
+from ragws.serving.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +54,6 @@ RECENTLY_ENDED = 1024
 #: How long a closing socket's client gets to read up to the close frame before the
 #: connection is cut, so that a client that stopped reading cannot hold its buffers.
 CLOSE_GRACE_S = 10.0
-
-
-@dataclass(slots=True)
-class Services:
-    """What a session needs from the application; built once at start-up."""
-
-    settings: Settings
-    metrics: Metrics
-    admission: Admission
-    layout: LayoutService
-    ocr: OcrBackend | None  # None: started with --ocr-model none
-    parse: ParseService
-    hello: dict[str, Any]
-    limits: protocol.Limits
-    receive: ReceiveBudget  # bytes of frames and bodies still arriving, across all clients
-    sessions: set[Session] = field(default_factory=set)  # open sockets, for shutdown
 
 
 class Session:
@@ -170,10 +149,7 @@ class Session:
         """End what is still in flight with ``finish_reason: "shutdown"``, then close the
         socket with 1001 (going away)."""
         self.shutting_down = True
-        tasks = list(self.inflight.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(list(self.inflight.values()))
         await self.close(WSCloseCode.GOING_AWAY, "server shutting down")
 
     async def close(self, code: WSCloseCode, reason: str) -> None:
@@ -312,7 +288,7 @@ class Session:
         reason = "shutdown" if self.shutting_down else "cancelled"
         self.services.metrics.requests_total.labels(kind, reason).inc()
         if not self.ws.closed:
-            sending = asyncio.ensure_future(self.send(protocol.done_frame(request_id, reason)))
+            sending = asyncio.ensure_future(self.send(frames.done_frame(request_id, reason)))
             self._background.add(sending)
             sending.add_done_callback(self._background.discard)
 
@@ -334,7 +310,7 @@ class Session:
             outcome = "timeout" if isinstance(exc, DeadlineExceeded) else "cancelled"
             outcome = "shutdown" if self.shutting_down else outcome
             if not self.ws.closed:  # a cancel, a deadline or shutdown: the request is over
-                await self.send(protocol.done_frame(request.id, outcome))
+                await self.send(frames.done_frame(request.id, outcome))
         except RequestError as exc:
             outcome = exc.code.value
             await self.send_error(request.id, exc)
@@ -350,67 +326,39 @@ class Session:
             if self.inflight.get(request.id) is asyncio.current_task():
                 del self.inflight[request.id]
                 self._remember_ended(request.id)
-            self.services.metrics.requests_total.labels(kind, outcome).inc()
-            total_ms = round((time.monotonic() - started) * 1000, 1)
-            log.info(
-                "request %s %r on %s: %s in %.1f ms",
-                kind,
-                request.id,
-                self.peer,
-                outcome,
-                total_ms,
-                extra={
-                    "event": "request",
-                    "request_id": request.id,
-                    "socket": self.peer,
-                    "type": kind,
-                    "outcome": outcome,
-                    "total_ms": total_ms,
-                },
+            request_ended(
+                log,
+                self.services.metrics,
+                kind=kind,
+                request_id=request.id,
+                peer=self.peer,
+                outcome=outcome,
+                started=started,
             )
 
     # --- request types --------------------------------------------------------------------
 
     async def _layout(self, request: LayoutRequest) -> None:
         result = await self.services.layout.detect_image(request.image, request.conf, request.iou)
-        frame = {"type": "layout", "id": request.id, **layout_fields(result)}
-        frame["timing"] = {
-            "queue_ms": round(result.queue_ms, 3),
-            "total_ms": round(result.total_ms, 3),
-        }
-        await self.send(frame)
+        await self.send(frames.layout_frame(request.id, result))
 
     async def _pdf(self, request: PdfRequest) -> None:
         started = time.monotonic()
         layout = self.services.layout
-        plan = await layout.open_pdf(request.pdf, request.pages)
+        plan = await self.services.documents.open_pdf(request.pdf, request.pages)
         pages = layout.detect_pdf(
             plan, scale=request.scale, conf=request.conf, iou=request.iou, images=request.images
         )
         try:
             async for page in pages:
-                frame = {"type": "page", "id": request.id, "page": page.page, **layout_fields(page)}
-                # Known from the first frame on, so a client can lay out placeholders and show
-                # progress before done.
-                frame["pages"], frame["page_count"] = len(plan.pages), plan.doc.page_count
-                if page.jpeg is not None:
-                    frame["image"] = page.jpeg
-                await self.send(frame)
+                await self.send(
+                    frames.layout_page_frame(request.id, page, len(plan.pages), plan.doc.page_count)
+                )
         finally:
             await pages.aclose()
-            await layout.close_pdf(plan)
-        elapsed = time.monotonic() - started
+            await self.services.documents.close_pdf(plan)
         await self.send(
-            protocol.done_frame(
-                request.id,
-                "stop",
-                pages=len(plan.pages),
-                page_count=plan.doc.page_count,
-                timing={
-                    "total_ms": round(elapsed * 1000, 3),
-                    "pages_per_s": round(len(plan.pages) / max(elapsed, 1e-9), 3),
-                },
-            )
+            frames.pages_done_frame(request.id, len(plan.pages), plan.doc.page_count, started)
         )
 
     async def _ocr(self, request: OcrRequest) -> None:
@@ -428,98 +376,33 @@ class Session:
             crop=request.crop,
             ignore_eos=request.ignore_eos,
         )
-        parts: list[str] = []
-        last: TokenEvent | None = None
-        events = ocr.generate(request.image, options)
-        try:
-            async for event in events:
-                if event.text:
-                    parts.append(event.text)
-                    frame: dict[str, Any] = {"type": "token", "id": request.id, "text": event.text}
-                    if event.box is not None:
-                        frame["box"] = [round(v, 2) for v in event.box]
-                        frame["score"] = round(event.score or 0.0, 4)
-                    await self.send(frame)
-                last = event
-        finally:
-            await events.aclose()
-        assert last is not None and last.finish_reason is not None  # generate() ends on one
-        if last.error is not None:
-            raise RequestError(ErrorCode.INTERNAL, f"ocr model failed: {last.error}")
-        await self.send(
-            protocol.done_frame(
-                request.id,
-                last.finish_reason.value,
-                text="".join(parts),
-                usage={
-                    "prompt_tokens": last.prompt_tokens,
-                    "completion_tokens": last.completion_tokens,
-                },
-                timing=ocr_timing(started, last),
-            )
-        )
+
+        async def stream(event: TokenEvent) -> None:
+            if event.text:
+                await self.send(frames.token_frame(request.id, event))
+
+        text, last = await read_text(ocr.generate(request.image, options), stream)
+        await self.send(frames.ocr_done_frame(request.id, text, last, started))
 
     async def _parse(self, request: ParseRequest) -> None:
         started = time.monotonic()
-        results = self.services.parse.parse(request)
+        results = self.services.parse.parse(request.document, request.options)
         async with contextlib.aclosing(results):  # closing cancels the remaining pages
             async for result in results:
                 if isinstance(result, ParsedDocument):
-                    await self.send(parse_done_frame(request.id, result, started))
+                    await self.send(frames.parse_done_frame(request.id, result, started))
                 else:
-                    await self.send(result.to_frame(request.id))
+                    await self.send(frames.parsed_page_frame(request.id, result))
 
     # --- outbound -------------------------------------------------------------------------
 
     async def send(self, frame: dict[str, Any]) -> None:
         """Queue one frame; waits while the send queue is full (see the module docstring)."""
         if not self.ws.closed:
-            await self.outbox.put(protocol.encode(frame))
+            await self.outbox.put(frames.encode(frame))
 
     async def send_error(self, request_id: RequestId | None, exc: RequestError) -> None:
-        await self.send(protocol.error_frame(request_id, exc.code, exc.message))
-
-
-def layout_fields(page: PageLayout) -> dict[str, Any]:
-    """The result fields shared by ``layout`` and ``page`` frames."""
-    det = page.detections
-    return {
-        "width": page.width,
-        "height": page.height,
-        "boxes": [[round(float(v), 2) for v in box] for box in det.boxes],
-        "classes": list(det.labels),
-        "scores": [round(float(s), 4) for s in det.scores],
-    }
-
-
-def ocr_timing(started: float, last: TokenEvent) -> dict[str, float]:
-    """queue: arrival → admitted into the running batch; ttft: arrival → first token."""
-
-    def since(moment: float | None) -> float:
-        return round(((moment or time.monotonic()) - started) * 1000, 3)
-
-    return {
-        "queue_ms": since(last.scheduled_at),
-        "ttft_ms": since(last.first_token_at),
-        "total_ms": since(None),
-    }
-
-
-def parse_done_frame(request_id: RequestId, doc: ParsedDocument, started: float) -> dict[str, Any]:
-    """The ``done`` frame of a parse request (also the body of ``POST /parse``)."""
-    elapsed = time.monotonic() - started
-    return protocol.done_frame(
-        request_id,
-        "stop",
-        pages=len(doc.pages),
-        page_count=doc.page_count,
-        markdown=doc.markdown,
-        chunks=[chunk.to_dict() for chunk in doc.chunks],
-        timing={
-            "total_ms": round(elapsed * 1000, 3),
-            "pages_per_s": round(len(doc.pages) / max(elapsed, 1e-9), 3),
-        },
-    )
+        await self.send(frames.error_frame(request_id, exc.code, exc.message))
 
 
 def _type_name(request: Request) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
@@ -31,15 +31,16 @@ import numpy as np
 from ragws.config import Settings
 from ragws.engine.detokenizer import StopStrings
 from ragws.engine.sequence import FinishReason, TokenEvent
+from ragws.errors import ErrorCode, RequestError, bad_request
 from ragws.metrics import Metrics
 from ragws.models.ppocr import TEXT_SCORE, DetInput, LineInput, PpOcrModels, TextLine, quad_bounds
-from ragws.pipeline.assemble import area
-from ragws.pipeline.ocr.vlm import OcrOptions, clamp_box, crop_box
-from ragws.runtime.batcher import Batched, BatcherStopped, BatchFailed, DynamicBatcher, QueueFull
-from ragws.serving.protocol import ErrorCode, RequestError, bad_request
+from ragws.pipeline.geometry import area
+from ragws.pipeline.ocr.backend import OcrOptions, image_region
+from ragws.runtime.batcher import Batched, DynamicBatcher
+from ragws.runtime.tasks import cancel_all, in_pool
 
 if TYPE_CHECKING:
-    from ragws.pipeline.document_pool import DocumentPool
+    from ragws.pipeline.document_service import DocumentService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,7 +60,7 @@ class LineOcrService:
         settings: Settings,
         metrics: Metrics,
         pool: ThreadPoolExecutor,
-        documents: DocumentPool,
+        documents: DocumentService,
     ) -> None:
         """``documents`` decodes sent images (in a document worker)."""
         self.models = models
@@ -132,11 +133,7 @@ class LineOcrService:
         and the sampling settings concern token generation and do not apply to line OCR.
         """
         arrived = time.monotonic()
-        rgb = image
-        if isinstance(image, bytes):
-            rgb = await self._documents.decode_image(image, self.settings.max_image_pixels)
-        offset = clamp_box(rgb, options.box)[:2] if options.box else (0, 0)
-        rgb = crop_box(rgb, options.box)
+        rgb, offset = await image_region(self._documents, image, options.box)
         count = 0
         first_at: float | None = None
         timing: dict[str, float] = {}
@@ -179,7 +176,7 @@ class LineOcrService:
         image's detection started (the end of its queueing).
         """
         try:
-            prepared = await self._run(self.models.prepare_det, rgb)
+            prepared = await in_pool(self._pool, self.models.prepare_det, rgb)
         except Exception as exc:  # geometry detection cannot take: 1×100000, 2×60000, ...
             height, width = rgb.shape[:2]
             raise bad_request(
@@ -190,13 +187,13 @@ class LineOcrService:
         detected = await self._submit(self._det, prepared, "text detection")
         if timing is not None:
             timing["detect_at"] = submitted + detected.queue_s
-        quads = await self._run(self.models.det_lines, prepared, detected.output)
+        quads = await in_pool(self._pool, self.models.det_lines, prepared, detected.output)
         owners: list[int | None] = [None] * len(quads)
         if regions is not None:
             quads, owners = split_by_regions(quads, regions)  # type: ignore[assignment]
         if not len(quads):
             return
-        inputs = await self._run(_prepare_lines, self.models, rgb, quads)
+        inputs = await in_pool(self._pool, _prepare_lines, self.models, rgb, quads)
         tasks = [
             asyncio.ensure_future(self._submit(self._rec, line, "text recognition"))
             for line in inputs
@@ -208,9 +205,7 @@ class LineOcrService:
                     corners = tuple((float(x), float(y)) for x, y in quad)
                     yield TextLine(text, score, quad_bounds(quad), corners, owner)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_all(tasks)
 
     async def read_page_lines(self, rgb: np.ndarray) -> list[tuple[str, Box]]:
         """Every line of the page with its box, in the detector's reading order."""
@@ -243,17 +238,7 @@ class LineOcrService:
     async def _submit(self, batcher: DynamicBatcher | None, item: object, what: str) -> Batched:
         if batcher is None:
             raise RequestError(ErrorCode.UNAVAILABLE, "the OCR service is not running")
-        try:
-            return await batcher.submit(item)
-        except QueueFull as exc:
-            raise RequestError(ErrorCode.OVERLOADED, str(exc)) from None
-        except BatchFailed as exc:
-            raise RequestError(ErrorCode.INTERNAL, f"{what} failed: {exc}") from None
-        except BatcherStopped as exc:
-            raise RequestError(ErrorCode.UNAVAILABLE, f"{what} unavailable: {exc}") from None
-
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await batcher.submit_request(item, what)
 
 
 def _prepare_lines(models: PpOcrModels, rgb: np.ndarray, quads: np.ndarray) -> list[LineInput]:

@@ -1,0 +1,62 @@
+"""The model runner: what the engine needs of a model, whatever its family.
+
+The engine owns one runner and is the only one to call it. On a worker thread it asks the
+runner to :meth:`~StepRunner.prepare` a request (image and options in, prompt ids and pixel
+inputs out; no GPU), and on the engine thread to :meth:`~StepRunner.step` (tensors in, one token
+per sequence out). The runner never decides who runs; the engine never touches tensors.
+
+:class:`ragws.models.slot_runner.SlotRunner` implements this over a preallocated slot KV cache
+for any decoder-only vision-language family (:mod:`ragws.models.got_ocr2` is one).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ragws.engine.sequence import Sequence
+
+
+class Prepared(Protocol):
+    """A prepared request: its prompt, and whatever else its prefill needs (the pixels). It is
+    the sequence's ``image`` until the prefill, which drops it."""
+
+    prompt_ids: list[int]
+
+
+class StepRunner(Protocol):
+    """A model adapter that prepares requests and runs engine steps."""
+
+    name: str  # the model, as /health and the hello frame name it
+    tokenizer: Any  # decodes the generated ids (``decode(ids, skip_special_tokens=...)``)
+    stop_ids: frozenset[int]  # tokens that end a sequence (unless it ignores them)
+    num_slots: int  # sequences that can run at once: one KV slot each
+    max_model_len: int  # tokens (prompt and output) one slot holds
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV cache holds (allocated once, at load)."""
+        ...
+
+    def prepare(
+        self,
+        image: np.ndarray,
+        *,
+        mode: str = "format",
+        crop: bool = False,
+        prompt: str | None = None,
+        system: str | None = None,
+    ) -> Prepared:
+        """One RGB ``H×W×3`` page and the request's options as a prompt. Thread-safe (runs on
+        the worker pool, beside steps); ValueError for options the model cannot take."""
+        ...
+
+    def step(self, prefill: list[Sequence], decode: list[Sequence]) -> list[int]:
+        """The first token of each ``prefill`` sequence (each has a KV slot and its prepared
+        request as ``image``) and the next token of each ``decode`` sequence, in that order.
+
+        The prefill's work comes first, so that when it raises, the decoding sequences' cache
+        is untouched and the engine can run their decode again alone.
+        """
+        ...
