@@ -23,8 +23,9 @@ import pymupdf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ragws.errors import bad_request, too_large
+from ragws.pipeline.geometry import BBox
 from ragws.pipeline.tables import Table, table_from_pymupdf
-from ragws.pipeline.textlayer import BBox, Line, Shapes, page_shapes, pdf_lines
+from ragws.pipeline.textlayer import Line, Shapes, page_shapes, pdf_lines
 
 # The pixel cap is ours (``max_image_pixels``), checked on the header before decoding; PIL's
 # own bomb check would otherwise fire at a different, global threshold.

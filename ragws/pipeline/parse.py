@@ -21,7 +21,8 @@ pages per document:
    the table-structure model on the region's crop with the words already read;
 5. **blocks** (:func:`ragws.pipeline.structure.build_blocks`): every line in exactly one block,
    typed by its region and its typography, in reading order; markdown per block
-   (:mod:`ragws.pipeline.assemble`); at the end the document's markdown and its RAG chunks.
+   (:mod:`ragws.pipeline.markdown`); at the end the document's markdown and its RAG chunks
+   (:mod:`ragws.pipeline.chunks`).
 
 Pages are yielded as they complete; cancelling the consumer cancels every page task of the
 request, which withdraws its queued layout pages, OCR lines or sequences and table crops.
@@ -48,6 +49,8 @@ from ragws.pipeline.blocks import Block
 from ragws.pipeline.chunks import Chunk, chunk_blocks
 from ragws.pipeline.document_service import DocumentService, PdfPlan
 from ragws.pipeline.documents import PdfDocument, encode_jpeg
+from ragws.pipeline.geometry import BBox
+from ragws.pipeline.geometry import scale as scale_box
 from ragws.pipeline.layout import LayoutService
 from ragws.pipeline.markdown import document_markdown, page_markdown, set_markdown
 from ragws.pipeline.ocr.backend import OcrBackend
@@ -66,7 +69,7 @@ from ragws.pipeline.structure import (
     retype_tabular_regions,
     ruled_tables,
 )
-from ragws.pipeline.textlayer import BBox, Line, Shapes, ocr_line
+from ragws.pipeline.textlayer import Line, Shapes, ocr_line
 from ragws.runtime.tasks import in_pool
 from ragws.runtime.window import windowed
 
@@ -223,7 +226,8 @@ class ParseService:
             lines = [line.scaled(scale) for line in layer.lines.get(page, ())]
             drawn = layer.shapes.get(page) or Shapes([], [])
             shapes = Shapes(
-                [_scaled(b, scale) for b in drawn.bullets], [_scaled(g, scale) for g in drawn.grids]
+                [scale_box(b, scale, scale) for b in drawn.bullets],
+                [scale_box(g, scale, scale) for g in drawn.grids],
             )
             style = layer.style if lines else None
             return await self._page(rgb, page, lines, shapes, style, options, started, plan)
@@ -353,7 +357,7 @@ class ParseService:
             mine = [ln for ln, owner in zip(lines, owners, strict=True) if owner == i]
             table = None
             if plan is not None and mine and mine[0].source == "pdf":
-                clip = _scaled(regions[i].bbox, 1 / scale)
+                clip = scale_box(regions[i].bbox, 1 / scale, 1 / scale)
                 table = await self.documents.in_worker(
                     plan, PdfDocument.table, page, clip, what=f"finding the table on page {page}"
                 )
@@ -461,7 +465,3 @@ def _line_words(line: Line) -> list[tuple[float, float, float, float, str]]:
         out.append((start, y0, start + len(part) * per_char, y1, part))
         at += len(part) + 1
     return out
-
-
-def _scaled(box: BBox, factor: float) -> BBox:
-    return (box[0] * factor, box[1] * factor, box[2] * factor, box[3] * factor)

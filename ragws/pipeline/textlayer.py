@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import pymupdf
 
-BBox = tuple[float, float, float, float]
+from ragws.pipeline.geometry import BBox
 
 #: Text-layer extraction flags: whitespace as written (code keeps its spaces), text clipped to
 #: the page, ligatures expanded (``ﬁ`` → ``fi``, so words and hyphenation see plain letters).

@@ -19,11 +19,10 @@ import numpy as np
 
 from ragws.engine.sequence import Sampling, TokenEvent
 from ragws.errors import ErrorCode, RequestError, bad_request
+from ragws.pipeline.geometry import BBox
 
 if TYPE_CHECKING:
     from ragws.pipeline.document_service import DocumentService
-
-Box = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +82,7 @@ class OcrBackend(Protocol):
 
 
 async def image_region(
-    documents: DocumentService, image: bytes | np.ndarray, box: Box | None
+    documents: DocumentService, image: bytes | np.ndarray, box: BBox | None
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """The pixels to read: ``image`` decoded (in a document worker) when it is a file's bytes,
     cut to ``box``; and the origin of the cut in the image, to place what is read in it."""

@@ -34,7 +34,7 @@ from ragws.engine.sequence import FinishReason, TokenEvent
 from ragws.errors import ErrorCode, RequestError, bad_request
 from ragws.metrics import Metrics
 from ragws.models.ppocr import TEXT_SCORE, DetInput, LineInput, PpOcrModels, TextLine, quad_bounds
-from ragws.pipeline.geometry import area
+from ragws.pipeline.geometry import BBox, area
 from ragws.pipeline.ocr.backend import OcrOptions, image_region
 from ragws.runtime.batcher import Batched, DynamicBatcher
 from ragws.runtime.tasks import cancel_all, in_pool
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Box = tuple[float, float, float, float]
 
 
 class LineOcrService:
@@ -165,7 +164,7 @@ class LineOcrService:
     async def read_lines(
         self,
         rgb: np.ndarray,
-        regions: Sequence[Box] | None = None,
+        regions: Sequence[BBox] | None = None,
         timing: dict[str, float] | None = None,
     ) -> AsyncIterator[TextLine]:
         """The text lines of an image in reading order, each as soon as it is readable.
@@ -207,9 +206,9 @@ class LineOcrService:
         finally:
             await cancel_all(tasks)
 
-    async def read_page_lines(self, rgb: np.ndarray) -> list[tuple[str, Box]]:
+    async def read_page_lines(self, rgb: np.ndarray) -> list[tuple[str, BBox]]:
         """Every line of the page with its box, in the detector's reading order."""
-        found: list[tuple[str, Box]] = []
+        found: list[tuple[str, BBox]] = []
         lines = self.read_lines(rgb)
         try:
             async for line in lines:
@@ -219,7 +218,7 @@ class LineOcrService:
         return found
 
     async def read_regions(
-        self, rgb: np.ndarray, regions: Sequence[Box], modes: Sequence[str] = ()
+        self, rgb: np.ndarray, regions: Sequence[BBox], modes: Sequence[str] = ()
     ) -> list[str]:
         """The text of each region, its lines joined by newlines. Detection runs once on the
         whole image; lines outside every region are never recognised. ``modes`` changes nothing
@@ -246,7 +245,7 @@ def _prepare_lines(models: PpOcrModels, rgb: np.ndarray, quads: np.ndarray) -> l
 
 
 def split_by_regions(
-    quads: np.ndarray, regions: Sequence[Box]
+    quads: np.ndarray, regions: Sequence[BBox]
 ) -> tuple[np.ndarray, list[int | None]]:
     """Give each detected line to a region, cutting lines that run across regions.
 
