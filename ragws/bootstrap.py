@@ -19,12 +19,13 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 from aiohttp import web
 
 from ragws import __version__
-from ragws.config import Settings, truthy
+from ragws.config import HUB_ID, OCR_HUB_MODELS, Settings, truthy
 from ragws.engine.runner import StepRunner
 from ragws.metrics import Metrics
 from ragws.models import LayoutModel, load_layout_model, load_ocr_runner
@@ -260,6 +261,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             settings.public_limits(),
             ocr_modes=ocr.modes if ocr else (),
             ocr_markup=ocr.markup if ocr else False,
+            ocr_architecture=ocr.architecture if ocr else None,
         ),
         limits=protocol.Limits(max_render_scale=settings.max_render_scale),
         receive=ReceiveBudget(settings.max_receive_buffer_mb * 2**20),
@@ -317,14 +319,32 @@ HUB_MODELS = {
 HUB_PROBE_S = 5.0
 
 
+def _hub_model(spec: str) -> tuple[str, str, str] | None:
+    """(repo, a file it has, the fix when it cannot be had) for a setting that names a hub
+    model: a known name, or an ``owner/name`` id that is not a local path."""
+    if spec in HUB_MODELS:
+        return HUB_MODELS[spec]
+    repo = OCR_HUB_MODELS.get(spec)
+    if repo is None and HUB_ID.fullmatch(spec) and not Path(spec).expanduser().exists():
+        repo = spec
+    if repo is None:
+        return None
+    fix = (
+        f"download it where the hub is reachable (huggingface-cli download {repo} "
+        "--local-dir DIR) and pass --ocr-model DIR"
+    )
+    return repo, "config.json", fix
+
+
 def _from_hub_or_cache(spec: str) -> None:
     """Before a model is loaded from the Hugging Face hub: when the hub cannot be reached,
     load it from the local cache offline, or fail at once with one message if it is not
     there. (huggingface_hub would retry for half a minute, logging every retry twice.)"""
     offline = truthy(os.environ.get("HF_HUB_OFFLINE", ""))
-    if spec not in HUB_MODELS or offline:
+    hub = None if offline else _hub_model(spec)
+    if hub is None:
         return
-    repo, filename, fix = HUB_MODELS[spec]
+    repo, filename, fix = hub
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     probe = urllib.request.Request(f"{endpoint}/api/models/{repo}", method="HEAD")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -28,7 +29,18 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DEVICES = ("auto", "cpu", "cuda")
 LAYOUT_MODELS = ("embedded", "doclayout-yolo")
-OCR_MODELS = ("embedded", "none", "got-ocr2")
+#: Causal OCR VLMs by short name → their Hugging Face hub repository (``--ocr-model``).
+OCR_HUB_MODELS = {
+    "got-ocr2": "stepfun-ai/GOT-OCR-2.0-hf",
+    "mineru2.5": "opendatalab/MinerU2.5-2509-1.2B",
+    "paddleocr-vl": "PaddlePaddle/PaddleOCR-VL",
+    "olmocr-2": "allenai/olmOCR-2-7B-1025",
+    "nanonets-ocr2": "nanonets/Nanonets-OCR2-3B",
+    "rolmocr": "reducto/RolmOCR",
+}
+OCR_MODELS = ("embedded", "none", *OCR_HUB_MODELS)
+#: A Hugging Face hub id, ``owner/name``.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class ConfigError(ValueError):
@@ -75,9 +87,10 @@ class Settings:
     )
     ocr_model: str = _setting(
         "embedded",
-        "OCR backend: embedded (PP-OCRv6 from the rapidocr wheel, ONNX, offline), got-ocr2 "
-        "(stepfun-ai/GOT-OCR-2.0-hf from the Hugging Face hub), a local GOT-OCR2 directory "
-        "written by save_pretrained, or none (OCR disabled)",
+        "OCR backend: embedded (PP-OCRv6 from the rapidocr wheel, ONNX, offline); a causal "
+        "VLM: a short name (got-ocr2, mineru2.5, paddleocr-vl, olmocr-2, nanonets-ocr2, "
+        "rolmocr), a Hugging Face hub id, or a local checkpoint directory (GOT-OCR2, "
+        "Qwen2-VL, Qwen2.5-VL, PaddleOCR-VL); or none (OCR disabled)",
     )
     ocr_det_max_side: int = _setting(
         960,
@@ -107,8 +120,8 @@ class Settings:
     )
     ocr_max_prefill_tokens: int = _setting(
         2048,
-        "prompt tokens admitted per engine step; bounds how long new requests delay running "
-        "streams (one request is always admitted)",
+        "prompt tokens prefilled per engine step; bounds how long new requests delay running "
+        "streams (a longer prompt is prefilled in chunks over several steps)",
     )
     parse_pages_in_flight: int = _setting(
         4,
@@ -291,11 +304,14 @@ class Settings:
             )
             _require(path.is_file(), "layout_model", self.layout_model, "no such file")
         if self.ocr_model not in OCR_MODELS:
+            path = Path(self.ocr_model).expanduser()
             _require(
-                (Path(self.ocr_model) / "config.json").is_file(),
+                (path / "config.json").is_file()
+                or (not path.exists() and HUB_ID.fullmatch(self.ocr_model) is not None),
                 "ocr_model",
                 self.ocr_model,
-                f"must be one of {', '.join(OCR_MODELS)} or a model directory with config.json",
+                f"must be one of {', '.join(OCR_MODELS)}, a model directory with config.json, "
+                "or a Hugging Face hub id (owner/name)",
             )
         _require(
             self.ocr_det_max_side == 0 or 64 <= self.ocr_det_max_side <= 8192,

@@ -215,3 +215,30 @@ def got_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ragws.testing.got_tiny import build_tiny_got_ocr2
 
     return build_tiny_got_ocr2(tmp_path_factory.mktemp("got_tiny"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Qwen2-VL (MinerU2.5's architecture), saved like a real checkpoint."""
+    pytest.importorskip("torch")
+    from ragws.testing.qwen2_vl_tiny import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl_tiny"), "qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Qwen2.5-VL (olmOCR-2's architecture), saved like a real checkpoint."""
+    pytest.importorskip("torch")
+    from ragws.testing.qwen2_vl_tiny import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2_5_vl_tiny"), "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def paddleocr_vl_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight PaddleOCR-VL, saved like a real checkpoint."""
+    pytest.importorskip("torch")
+    from ragws.testing.paddleocr_vl_tiny import build_tiny_paddleocr_vl
+
+    return build_tiny_paddleocr_vl(tmp_path_factory.mktemp("paddleocr_vl_tiny"))

@@ -196,3 +196,24 @@ def test_an_unreachable_hub_fails_in_seconds_with_one_message(tmp_path):
     assert "cannot be reached" in stderr and "--ocr-model DIR" in stderr, stderr
     assert "Retry" not in stderr and stderr.count("cannot be reached") == 1
     assert elapsed < 60
+
+
+@pytest.mark.parametrize("name", ["mineru2.5", "paddleocr-vl", "olmocr-2", "owner/some-ocr_model"])
+def test_ocr_model_takes_a_known_name_or_a_hub_id(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "owner/..." is no local path here
+    assert Settings(ocr_model=name).ocr_model == name
+
+
+def test_ocr_model_refuses_a_directory_without_a_checkpoint(tmp_path):
+    (tmp_path / "owner" / "model").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"ocr_model.*hub id"):
+        Settings(ocr_model=str(tmp_path / "owner" / "model"))
+
+
+def test_a_known_vlm_with_the_hub_unreachable_fails_naming_its_repository(tmp_path):
+    pytest.importorskip("torch")
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    stderr, elapsed = _serve_fails(tmp_path, "--ocr-model", "mineru2.5", env=env)
+    assert "opendatalab/MinerU2.5-2509-1.2B" in stderr and "cannot be reached" in stderr, stderr
+    assert "huggingface-cli download opendatalab/MinerU2.5-2509-1.2B" in stderr
+    assert elapsed < 60

@@ -32,7 +32,12 @@ async def test_health_and_metrics(start_server):
             text = await resp.text()
     assert health["status"] == "ok"
     assert health["models"] == {"layout": "embedded", "ocr": "embedded"}
-    assert health["ocr"] == {"model": "embedded", "healthy": True}
+    assert health["ocr"] == {
+        "model": "embedded",
+        "architecture": "PP-OCR",
+        "modes": ["format", "plain"],
+        "healthy": True,
+    }
     assert health["device"] == "cpu" and health["inflight"] == 0
     assert health["layout_batch"] == {"max": 16, "preferred": 1}
     for name in (

@@ -84,7 +84,11 @@ async def read(client, request_id):
 async def test_ws_ocr_streams_lines_with_boxes(start_server, connect, table_png):
     server = await start_server()
     client, hello = await connect(server)
-    assert hello["ocr"] == {"modes": ["format", "plain"], "markup": False}
+    assert hello["ocr"] == {
+        "modes": ["format", "plain"],
+        "markup": False,
+        "architecture": "PP-OCR",
+    }
     await client.send({"type": "ocr", "id": "t", "image": table_png})
     tokens, done = await read(client, "t")
     assert done["type"] == "done" and done["finish_reason"] == "stop"

@@ -307,7 +307,11 @@ async def test_parse_sends_regions_through_the_engine(
 
     server = await ocr_server(start_server, got_tiny_dir, ocr_max_tokens=24, ocr_batch_size=4)
     client, hello = await connect(server)
-    assert hello["ocr"] == {"modes": ["format", "plain"], "markup": True}
+    assert hello["ocr"] == {
+        "modes": ["format", "plain"],
+        "markup": True,
+        "architecture": "GotOcr2ForConditionalGeneration",
+    }
     page = Image.fromarray(render_rgb(paper_pdf, TABLES_PAGE, scale=2.0))
 
     def expected(block, mode):

@@ -24,7 +24,11 @@ async def test_hello_names_models_and_limits(start_server, connect):
     assert hello["version"] == 1
     assert hello["models"] == {"layout": "embedded", "ocr": "embedded"}
     # Line OCR accepts both modes and has no markup: clients learn it here.
-    assert hello["ocr"] == {"modes": ["format", "plain"], "markup": False}
+    assert hello["ocr"] == {
+        "modes": ["format", "plain"],
+        "markup": False,
+        "architecture": "PP-OCR",
+    }
     assert hello["limits"]["max_pages"] == 50
     for key in ("max_concurrent", "max_frame_bytes", "max_image_pixels", "max_pdf_bytes"):
         assert key in hello["limits"]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from ragws.engine.detokenizer import IncrementalDetokenizer, StopStrings
 from ragws.engine.kv_slots import SlotAllocator
-from ragws.engine.runner import Prepared, StepRunner
+from ragws.engine.runner import Prepared, StepRunner, Tasks
 from ragws.engine.scheduler import ScheduledStep, Scheduler
 from ragws.engine.sequence import FinishReason, GenerationParams, Sequence, TokenEvent
 from ragws.runtime import fairness
@@ -112,6 +112,11 @@ class OcrEngine:
     @property
     def name(self) -> str:
         return self.runner.name
+
+    @property
+    def tasks(self) -> Tasks:
+        """What the model can be asked (its modes, the mode per kind of layout region)."""
+        return self.runner.tasks
 
     @property
     def num_waiting(self) -> int:
@@ -219,10 +224,10 @@ class OcrEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return
-        self._start(scheduled.prefill, started)
+        self._start(scheduled.admitted, started)
         tokens = self._run(scheduled)
         ttft = [] if tokens is None else self._postprocess(scheduled, tokens)
-        batch_size = 0 if tokens is None else len(tokens)
+        batch_size = 0 if tokens is None else sum(token is not None for token in tokens)
         self._report(batch_size=batch_size, ttft_s=ttft, step_s=time.monotonic() - started)
 
     def _drain_inbox(self) -> None:
@@ -247,7 +252,7 @@ class OcrEngine:
             if seq.on_start is not None:
                 seq.on_start()
 
-    def _run(self, scheduled: ScheduledStep) -> list[int] | None:
+    def _run(self, scheduled: ScheduledStep) -> list[int | None] | None:
         """The runner's tokens for the step; on an error, what :meth:`_recover` saves."""
         try:
             tokens = self.runner.step(scheduled.prefill, scheduled.decode)
@@ -257,12 +262,13 @@ class OcrEngine:
             self.steps += 1
         return tokens
 
-    def _postprocess(self, scheduled: ScheduledStep, tokens: list[int]) -> list[float]:
+    def _postprocess(self, scheduled: ScheduledStep, tokens: list[int | None]) -> list[float]:
         """Append the tokens, end finished sequences and send each its new text; return the
-        times to first token of the sequences admitted in this step."""
+        times to first token of the sequences whose prompt this step completed. A prompt
+        chunk short of its prompt's end got no token: nothing to send."""
         finished = set(self.scheduler.postprocess(scheduled, tokens))
-        for seq in scheduled.prefill + scheduled.decode:
-            if seq.finish_reason is not FinishReason.CANCELLED:
+        for seq, token in zip(scheduled.prefill + scheduled.decode, tokens, strict=True):
+            if token is not None and seq.finish_reason is not FinishReason.CANCELLED:
                 self._emit_text(seq, finished=seq in finished)
         return [
             seq.first_token_at - seq.arrived_at
@@ -312,20 +318,24 @@ class OcrEngine:
     def _emit_end(self, seq: Sequence, reason: FinishReason | None, text: str = "") -> None:
         seq.emit(self._event(seq, text, reason))
 
-    def _recover(self, step: ScheduledStep, exc: Exception) -> list[int] | None:
+    def _recover(self, step: ScheduledStep, exc: Exception) -> list[int | None] | None:
         """A step raised (a model error, or out of memory): fail only what it must.
 
-        When the step admitted new sequences, they are the likely cause (a prefill's vision
-        encoding and prompt are the step's largest allocations), and the runner does their
-        work first, before the running sequences' KV cache is touched. So the newcomers fail,
-        and the running sequences' decode is tried again alone: if it goes through, their
-        streams go on as if nothing happened. Otherwise the running sequences fail too.
-        Either way their slots are free before the next step. Returns the decode tokens, or
-        None when nothing is left of the step.
+        When the step prefilled prompt chunks, their sequences are the likely cause (a
+        prefill's vision encoding and prompt are the step's largest allocations), and the
+        runner does their work first, before the decoding sequences' KV cache is touched. So
+        the prefilling sequences fail (newcomers and partly prefilled ones alike), and the
+        running sequences' decode is tried again alone: if it goes through, their streams go
+        on as if nothing happened. Otherwise the running sequences fail too. Either way their
+        slots are free before the next step. Returns the decode tokens, or None when nothing
+        is left of the step.
         """
         error = f"{type(exc).__name__}: {exc}"
         log.error(
-            "OCR step failed (%d new, %d running): %s", len(step.prefill), len(step.decode), error
+            "OCR step failed (%d prefilling, %d decoding): %s",
+            len(step.prefill),
+            len(step.decode),
+            error,
         )
         self._fail(step.prefill, error)
         step.prefill = []

@@ -11,6 +11,8 @@ for any decoder-only vision-language family (:mod:`ragws.models.got_ocr2` is one
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -21,15 +23,32 @@ if TYPE_CHECKING:
 
 class Prepared(Protocol):
     """A prepared request: its prompt, and whatever else its prefill needs (the pixels). It is
-    the sequence's ``image`` until the prefill, which drops it."""
+    the sequence's ``image`` until the prefill's last chunk, which drops it."""
 
     prompt_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Tasks:
+    """What a model can be asked to do: the ``mode`` values a request may name, and the mode
+    each kind of layout region is read with in ``parse`` (an element-level model reads a table
+    with its table task, a formula with its formula task)."""
+
+    architecture: str  # the checkpoint's ``architectures`` entry
+    modes: tuple[str, ...]
+    regions: Mapping[str, str] = field(default_factory=dict)  # region kind → mode
+    default: str = "plain"  # the mode of every other region
+    markup: bool = True  # tables and formulas come back as markup (HTML/markdown, LaTeX)
+
+    def mode_for(self, kind: str) -> str:
+        return self.regions.get(kind, self.default)
 
 
 class StepRunner(Protocol):
     """A model adapter that prepares requests and runs engine steps."""
 
     name: str  # the model, as /health and the hello frame name it
+    tasks: Tasks
     tokenizer: Any  # decodes the generated ids (``decode(ids, skip_special_tokens=...)``)
     stop_ids: frozenset[int]  # tokens that end a sequence (unless it ignores them)
     num_slots: int  # sequences that can run at once: one KV slot each
@@ -52,9 +71,14 @@ class StepRunner(Protocol):
         the worker pool, beside steps); ValueError for options the model cannot take."""
         ...
 
-    def step(self, prefill: list[Sequence], decode: list[Sequence]) -> list[int]:
-        """The first token of each ``prefill`` sequence (each has a KV slot and its prepared
-        request as ``image``) and the next token of each ``decode`` sequence, in that order.
+    def step(self, prefill: list[Sequence], decode: list[Sequence]) -> list[int | None]:
+        """Each ``prefill`` sequence's prompt chunk, then the next token of each ``decode``
+        sequence; the tokens in that order.
+
+        A ``prefill`` sequence has a KV slot and its prepared request as ``image``; its chunk is
+        the prompt's tokens ``[start, end)`` = ``prefill_span`` (earlier steps left the keys
+        and values of ``[0, start)`` in the slot). The chunk that ends the prompt gives the
+        sequence's first token; a chunk short of it gives None.
 
         The prefill's work comes first, so that when it raises, the decoding sequences' cache
         is untouched and the engine can run their decode again alone.

@@ -1,10 +1,22 @@
 """Iteration-level scheduling: who prefills and who decodes in the next step.
 
-One rule, as in vLLM v1, instead of prefill and decode phases: every running sequence decodes
-one token every step (decode has priority, so no running stream ever stalls for a whole
-prefill phase), and waiting sequences are admitted into free KV slots while a per-step prompt
-token budget lasts. A newcomer's prefill therefore delays running decodes by at most one
-step's worth of prompt tokens.
+One rule, as in vLLM v1, instead of prefill and decode phases: each sequence's computed tokens
+(``Sequence.num_computed_tokens``) catch up with its tokens under a per-step prompt-token budget
+(``max_prefill_tokens``). Every step, in this order:
+
+1. every running sequence whose prompt is prefilled decodes one token (decode has priority and
+   is not counted against the budget, so no running stream ever stalls for a prefill);
+2. sequences admitted earlier whose prompt is only partly prefilled, in admission order, each
+   get the next chunk of it: ``min(rest of the prompt, budget left)`` tokens;
+3. waiting sequences are admitted into free KV slots while the budget lasts. A prompt the
+   budget can hold whole is prefilled whole: it is admitted when what is left of the budget
+   holds it, and otherwise waits for the next step (and the turn waits with it). A prompt
+   longer than the whole budget could never be, so it is admitted with what is left and
+   prefilled in chunks over the next steps.
+
+A sequence is sampled only in the step that prefills its prompt's last chunk (its first token);
+until then the runner gives it no token. A prefill therefore delays running decodes by at most
+one step's budget of prompt tokens, however long the prompt.
 
 Waiting sequences are admitted clients in turn (:class:`~ragws.runtime.fairness.FairQueue`): one
 FIFO per client, one sequence from each in round robin, so a client with dozens of sequences queued
@@ -31,10 +43,13 @@ from ragws.runtime.fairness import FairQueue
 
 @dataclass(slots=True)
 class ScheduledStep:
-    # Admitted now: encode, prefill, first token.
+    # Prompt chunks (``seq.prefill_span``): the partly prefilled sequences first (admission
+    # order), then the newly admitted ones.
     prefill: list[Sequence] = field(default_factory=list)
-    # Running: one token each.
+    # Running with their prompt prefilled: one token each.
     decode: list[Sequence] = field(default_factory=list)
+    # Admitted now (the tail of ``prefill``): they join the running batch.
+    admitted: list[Sequence] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.prefill or self.decode)
@@ -45,7 +60,7 @@ class Scheduler:
         self.slots = slots
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: FairQueue[Sequence] = FairQueue()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order, partly prefilled ones included
 
     def add(self, seq: Sequence, client: Hashable | None = None) -> None:
         self.waiting.push(seq, client)
@@ -60,27 +75,51 @@ class Scheduler:
         return self.slots.fits(seq.num_tokens + 1)
 
     def schedule(self) -> ScheduledStep:
-        step = ScheduledStep(decode=list(self.running))
+        """The next step: decodes, then prompt chunks under the budget (see the module)."""
+        step = ScheduledStep()
         budget = self.max_prefill_tokens
-        while self.slots.can_allocate() and (seq := self.waiting.peek()) is not None:
-            # The first admission always fits, so a prompt longer than the budget still runs.
-            if step.prefill and seq.num_prompt_tokens > budget:
+        for seq in self.running:
+            if not seq.in_prefill:
+                seq.num_computed_tokens += 1  # the token it feeds
+                step.decode.append(seq)
+            elif budget > 0:
+                budget -= self._chunk(step, seq, budget)
+        while budget > 0 and self.slots.can_allocate() and (seq := self.waiting.peek()) is not None:
+            # A prompt the budget holds whole is never split: it waits for a step with room.
+            if budget < seq.num_prompt_tokens <= self.max_prefill_tokens:
                 break
             self.waiting.pop()
             seq.slot = self.slots.allocate(seq.seq_id)
             seq.status = SeqStatus.RUNNING
-            step.prefill.append(seq)
-            budget -= seq.num_prompt_tokens
-        self.running.extend(step.prefill)
+            self.running.append(seq)
+            step.admitted.append(seq)
+            budget -= self._chunk(step, seq, budget)
         return step
 
-    def postprocess(self, step: ScheduledStep, tokens: list[int]) -> list[Sequence]:
-        """Append each sequence's new token (prefill first, then decode order); return those
-        that finished, with their slots already free. The slot's end ends a sequence like its
+    def _chunk(self, step: ScheduledStep, seq: Sequence, budget: int) -> int:
+        """Schedule the next chunk of ``seq``'s prompt within ``budget``; return its size."""
+        chunk = min(seq.num_prompt_tokens - seq.num_computed_tokens, budget)
+        seq.prefill_chunk = chunk
+        seq.num_computed_tokens += chunk
+        step.prefill.append(seq)
+        return chunk
+
+    def postprocess(self, step: ScheduledStep, tokens: list[int | None]) -> list[Sequence]:
+        """Append each sequence's new token (prefill first, then decode order; None for a
+        prompt chunk short of the prompt's end, which samples nothing); return those that
+        finished, with their slots already free. The slot's end ends a sequence like its
         ``max_tokens`` does (``length``)."""
+        for seq in step.prefill:
+            seq.prefill_chunk = None
         finished: list[Sequence] = []
         for seq, token in zip(step.prefill + step.decode, tokens, strict=True):
             if seq.status is not SeqStatus.RUNNING:  # aborted while the step ran
+                continue
+            if (token is None) != seq.in_prefill:
+                raise RuntimeError(
+                    f"sequence {seq.seq_id}: a token is due exactly when its prompt is prefilled"
+                )
+            if token is None:
                 continue
             reason = seq.append(token)
             if reason is None and not self.fits(seq):
@@ -112,3 +151,5 @@ class Scheduler:
         if seq.slot is not None:
             self.slots.free(seq.slot)
             seq.slot = None
+        # A sequence ended mid-prefill still holds its pixels and image features: let go.
+        seq.image = seq.features = None

@@ -80,7 +80,7 @@ class GenerationParams:
 class Sequence:
     seq_id: int  # the engine's id, unique in the engine; not the client's request id
     prompt_ids: list[int]
-    image: Any  # the runner's prepared request (prompt and pixels) until its prefill, then None
+    image: Any  # the runner's prepared request (prompt, pixels) until the prefill ends, then None
     max_tokens: int
     stop_ids: frozenset[int]
     emit: Callable[[TokenEvent], None]
@@ -97,6 +97,18 @@ class Sequence:
     first_token_at: float | None = None
     detok: IncrementalDetokenizer | None = None  # set by the engine on submit
     rng: Any = None  # the runner's random generator, when sampling
+    # Tokens whose keys and values are in the slot, or are being computed by the step being
+    # run: the scheduler counts a step's tokens when it schedules them (a prompt chunk, or
+    # the one token a decode feeds). A prompt longer than a step's budget is prefilled in
+    # chunks over several steps; between steps, a decoding sequence has computed every token
+    # but its last generated one.
+    num_computed_tokens: int = 0
+    # The prompt chunk the step being run prefills: its last ``prefill_chunk`` computed
+    # tokens. None outside a scheduled prefill.
+    prefill_chunk: int | None = None
+    # The runner's image features, from the chunk that first needs them until the prefill has
+    # passed the last image placeholder; dropped with the slot when the sequence ends.
+    features: Any = None
     # Called on the engine thread when the sequence joins the running batch; must be
     # thread-safe (the OCR service disarms the request's deadline with it).
     on_start: Callable[[], None] | None = None
@@ -109,6 +121,21 @@ class Sequence:
     def num_tokens(self) -> int:
         """Tokens whose keys and values the KV cache must hold after the next decode step."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        """Whether part of the prompt is still to be prefilled: nothing is sampled until the
+        step that prefills its last chunk."""
+        return self.num_computed_tokens < len(self.prompt_ids)
+
+    @property
+    def prefill_span(self) -> tuple[int, int]:
+        """Prompt positions ``[start, end)`` that the step being run prefills: the chunk the
+        scheduler counted last; the whole prompt for a sequence given to a runner without
+        one."""
+        if self.prefill_chunk is None:
+            return 0, len(self.prompt_ids)
+        return self.num_computed_tokens - self.prefill_chunk, self.num_computed_tokens
 
     @property
     def last_token(self) -> int:

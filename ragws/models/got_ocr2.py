@@ -3,7 +3,8 @@
 :class:`GotOcr2` is what the family brings to :class:`~ragws.models.slot_runner.SlotRunner`
 (see :class:`~ragws.models.slot_runner.SlotModel`): the processor and its prompts, the vision
 tower and projector, the merge of image features into the prompt's embeddings, and the Qwen2
-decoder replayed over the checkpoint's own modules, attending through the runner's KV slots.
+decoder (:mod:`ragws.models.text_decoder`) replayed over the checkpoint's own modules,
+attending through the runner's KV slots.
 :class:`GotOcr2Runner` is the slot runner over it, loaded from a checkpoint.
 """
 
@@ -17,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragws.models.slot_runner import SlotAttention, SlotRunner
+from ragws.engine.runner import Tasks
+from ragws.models.slot_runner import ModelUnavailableError, SlotAttention, SlotRunner
+from ragws.models.text_decoder import TextDecoder, freeze_tokenizer_settings
 
 __all__ = [
     "HF_REPO",
@@ -48,10 +51,6 @@ MODES = {"format": True, "plain": False}
 #: GOT's own task prompts. A request's text equal to one of them (spacing aside) gets the
 #: processor's prompt for that mode, token for token: what the ``ocr`` frame's ``mode`` gets.
 TASK_PROMPTS = {"OCR:": "plain", "OCR with format:": "format"}
-
-
-class ModelUnavailableError(RuntimeError):
-    """The checkpoint could not be loaded (typically: the hub is out of reach)."""
 
 
 @dataclass(slots=True)
@@ -108,7 +107,7 @@ class GotOcr2:
         self.vision_batch = vision_batch or (None if kind == "cuda" else 2)
         self.model, self.processor = _load(spec, self.dtype, self.device)
         self.tokenizer = self.processor.tokenizer
-        self._freeze_tokenizer_settings()
+        freeze_tokenizer_settings(self.tokenizer)
 
         vocab = self.tokenizer.get_vocab()
         self.stop_ids = frozenset(vocab[t] for t in STOP_TOKENS if t in vocab)
@@ -123,19 +122,23 @@ class GotOcr2:
         if self.processor.num_image_tokens != self.image_tokens:
             self._processor_kwargs["num_image_tokens"] = self.image_tokens
 
-        text = config.text_config
-        if "sliding_attention" in (getattr(text, "layer_types", None) or ()):
-            raise NotImplementedError(f"{spec}: sliding-window attention layers are not supported")
-        self._lm = self.model.model.language_model
-        attn = self._lm.layers[0].self_attn
-        self.num_layers: int = text.num_hidden_layers
-        self.num_heads: int = text.num_attention_heads
-        self.num_kv_heads: int = text.num_key_value_heads
-        self.head_dim: int = attn.head_dim
-        self._scale: float = attn.scaling
+        self.decoder = TextDecoder.of(
+            self.model.model.language_model, self.model.lm_head, config.text_config, spec
+        )
+        self.num_layers = self.decoder.num_layers
+        self.num_heads = self.decoder.num_heads
+        self.num_kv_heads = self.decoder.num_kv_heads
+        self.head_dim = self.decoder.head_dim
         dtype = str(self.dtype).removeprefix("torch.")
         self.summary = (
             f"GOT-OCR2 {self.name} on {kind} ({dtype}): {self.image_tokens} image tokens per tile"
+        )
+        # "OCR with format" writes tables and formulas as markup; the rest reads as plain text.
+        self.tasks = Tasks(
+            "GotOcr2ForConditionalGeneration",
+            modes=("format", "plain"),
+            regions={"table": "format", "equation": "format"},
+            default="plain",
         )
 
     def prepare(
@@ -195,28 +198,16 @@ class GotOcr2:
 
     def embed(self, ids: torch.Tensor, images: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings, with the image features written over the image placeholders."""
-        embeds = self._lm.embed_tokens(ids)
-        if images is None:
-            return embeds
-        mask = (ids == self.image_token_id).unsqueeze(-1)
-        image = torch.cat(images).to(embeds.dtype)
-        if int(mask.sum()) * embeds.shape[-1] != image.numel():
-            raise ValueError("image placeholders and image features differ in number")
-        return embeds.masked_scatter(mask, image)
+        return self.decoder.embed(ids, images, self.image_token_id)
 
     def forward(
         self, embeds: torch.Tensor, positions: torch.Tensor, attention: SlotAttention
     ) -> torch.Tensor:
         """The Qwen2 decoder layers over the loaded modules; hidden states before the norm."""
-        cos, sin = self._lm.rotary_emb(embeds, positions)
-        h = embeds
-        for i, layer in enumerate(self._lm.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
-            h = self._finish_layer(layer, h, attention(i, q, k, v, scale=self._scale))
-        return h
+        return self.decoder.forward(embeds, positions, attention)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self._lm.norm(hidden))
+        return self.decoder.logits(hidden)
 
     # --- internals -------------------------------------------------------------------------
 
@@ -237,38 +228,6 @@ class GotOcr2:
             f"{p.message_start_token}user\n{p.img_start_token}{p.image_token}{p.img_end_token}"
             f"\n{query}{p.message_end_token}{p.message_start_token}assistant\n"
         )
-
-    def _freeze_tokenizer_settings(self) -> None:
-        """Clear padding/truncation on the Rust tokenizer once, so that encodes never mutate it
-        (a mutation racing another thread's encode raises "Already borrowed")."""
-        backend = getattr(self.tokenizer, "_tokenizer", None)
-        if backend is None:
-            return
-        if backend.truncation is not None:
-            backend.no_truncation()
-        if backend.padding is not None:
-            backend.no_padding()
-
-    def _qkv(
-        self, layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pre-norm, projections and rotary embedding: ``(B, heads, L, head_dim)`` each."""
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        batch, length, _ = x.shape
-        q = attn.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
-
-    def _finish_layer(self, layer: Any, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """Output projection and residual, then the post-norm MLP and residual."""
-        batch, _, length, _ = attn_out.shape
-        h = h + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(batch, length, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 class GotOcr2Runner(SlotRunner):
@@ -309,11 +268,6 @@ class GotOcr2Runner(SlotRunner):
     @property
     def image_token_id(self) -> int:
         return self.family.image_token_id
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _load(spec: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:

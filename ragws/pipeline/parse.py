@@ -82,7 +82,6 @@ READ_KINDS = frozenset({"text", "title", "list", "caption", "footnote", "header"
 #: Document styles kept for the page ranges still to come (``style_pages``).
 STYLES_KEPT = 8
 #: Region kinds GOT-OCR2 reads in ``format`` mode (markup), when the backend has markup.
-MARKUP_KINDS = frozenset({"table", "equation"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,10 +329,9 @@ class ParseService:
         self, rgb: np.ndarray, regions: list[Region], wanted: list[int]
     ) -> dict[int, str]:
         assert self.ocr is not None
-        markup = self.ocr.markup
-        modes = [
-            "format" if markup and regions[i].kind in MARKUP_KINDS else "plain" for i in wanted
-        ]
+        # Each region with its type's task: an element-level model reads a table as a table
+        # (HTML or markdown) and a formula as LaTeX; GOT-OCR2 with format for both.
+        modes = [self.ocr.mode_for(regions[i].kind) for i in wanted]
         texts = await self.ocr.read_regions(rgb, [regions[i].bbox for i in wanted], modes)
         return {i: text.strip() for i, text in zip(wanted, texts, strict=True) if text.strip()}
 

@@ -25,7 +25,7 @@ from ragws.config import truthy
 from ragws.engine.sequence import TokenEvent
 from ragws.errors import ErrorCode, RequestError
 from ragws.metrics import CONTENT_TYPE
-from ragws.pipeline.ocr.backend import OcrOptions, read_text
+from ragws.pipeline.ocr.backend import OcrOptions, check_mode, read_text
 from ragws.pipeline.ocr.vlm import OcrService
 from ragws.pipeline.parse import ParsedDocument, ParsedPage
 from ragws.runtime.deadlines import MAX_DEADLINE_MS, DeadlineExceeded, deadline_scope
@@ -143,7 +143,12 @@ async def health(request: web.Request) -> web.Response:
     healthy = services.layout.healthy and (services.ocr is None or services.ocr.healthy)
     ocr: dict[str, Any] | None = None
     if services.ocr is not None:
-        ocr = {"model": services.ocr.name, "healthy": services.ocr.healthy}
+        ocr = {
+            "model": services.ocr.name,
+            "architecture": services.ocr.architecture,
+            "modes": list(services.ocr.modes),
+            "healthy": services.ocr.healthy,
+        }
         if isinstance(services.ocr, OcrService):
             limits = services.ocr.limits
             ocr["kv_slots"] = limits.num_slots
@@ -345,12 +350,19 @@ async def ocr(request: web.Request) -> web.StreamResponse:
         if upload is None or not hasattr(upload, "file"):
             raise protocol.bad_request("missing file field 'image'")
         mode = str(form.get("mode") or "format").lower()
-        if mode not in protocol.OCR_MODES:
-            raise protocol.bad_request("field 'mode' must be 'plain' or 'format'")
+        check_mode(services.ocr, mode)
+        prompt = str(form.get("prompt") or "") or None
+        if prompt is not None and len(prompt) > protocol.MAX_PROMPT_CHARS:
+            raise protocol.bad_request(
+                f"field 'prompt' must be at most {protocol.MAX_PROMPT_CHARS} characters"
+            )
         max_tokens = _form_int(form, "max_tokens")
         stream = _form_bool(form, "stream")
         options = OcrOptions(
-            mode=mode, max_tokens=max_tokens, ignore_eos=_form_bool(form, "ignore_eos")
+            mode=mode,
+            max_tokens=max_tokens,
+            prompt=prompt,
+            ignore_eos=_form_bool(form, "ignore_eos"),
         )
         generate = services.ocr.generate(upload.file.read(), options)
         async with contextlib.aclosing(generate) as events:  # closing aborts the sequence

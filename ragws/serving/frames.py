@@ -43,15 +43,21 @@ def hello_frame(
     *,
     ocr_modes: tuple[str, ...] = (),
     ocr_markup: bool = False,
+    ocr_architecture: str | None = None,
 ) -> Frame:
     """``ocr.modes``: the ``mode`` values the OCR backend takes; ``ocr.markup``: whether
-    ``"format"`` yields markup (GOT-OCR2) or the same plain text (line OCR)."""
+    ``"format"`` yields markup (the VLMs) or the same plain text (line OCR);
+    ``ocr.architecture``: the model's architecture (null without an OCR model)."""
     return {
         "type": "hello",
         "version": PROTOCOL_VERSION,
         "server": f"ragws/{__version__}",
         "models": dict(models),
-        "ocr": {"modes": list(ocr_modes), "markup": ocr_markup},
+        "ocr": {
+            "modes": list(ocr_modes),
+            "markup": ocr_markup,
+            "architecture": ocr_architecture,
+        },
         "limits": dict(limits),
     }
 

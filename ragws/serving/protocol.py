@@ -10,6 +10,7 @@ See docs/protocol.md for the specification clients are written against.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,8 @@ class PdfRequest:
 class OcrRequest:
     id: RequestId
     image: bytes
-    mode: str = "format"  # GOT's "OCR with format" (markup) or "plain"
+    mode: str = "format"  # a task the model has (hello's ocr.modes): format, plain, table, ...
+    prompt: str | None = None  # the instruction, in place of the task's own
     max_tokens: int | None = None  # None: the server's cap; larger values are capped to it
     box: tuple[float, float, float, float] | None = None  # crop to this region first
     crop: bool = False  # GOT's multi-patch mode for large, dense pages
@@ -81,7 +83,11 @@ Request = LayoutRequest | PdfRequest | OcrRequest | ParseRequest | CancelRequest
 # Request types a later version of the server may serve; named so that a client gets
 # "unsupported" (this server cannot) rather than "bad_request" (no server can).
 FUTURE_TYPES: tuple[str, ...] = ()
+#: The OCR tasks every backend takes; a model may have more (hello's ``ocr.modes``).
 OCR_MODES = ("format", "plain")
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+#: An ``ocr`` request's own instruction (``prompt``), in characters.
+MAX_PROMPT_CHARS = 16_384
 #: auto: the PDF's own text where a region has it, OCR elsewhere; ocr / pdf: only that source.
 TEXT_SOURCES = ("auto", "ocr", "pdf")
 MAX_CHUNK_CHARS = 1_000_000
@@ -298,7 +304,8 @@ def parse_request(frame: Any, limits: Limits) -> Request:
             return OcrRequest(
                 id=request_id,
                 image=_bytes(frame, "image"),
-                mode=_choice(frame, "mode", OCR_MODES, "format"),
+                mode=_name(frame, "mode", "format"),
+                prompt=_prompt(frame),
                 max_tokens=_positive_int(frame, "max_tokens"),
                 box=_box(frame),
                 crop=_bool(frame, "crop", False),
@@ -433,6 +440,30 @@ def _choice(frame: Mapping[str, Any], name: str, choices: tuple[str, ...], defau
         return default
     if value not in choices:
         raise bad_request(f"field {name!r} must be one of {', '.join(choices)}, got {shown(value)}")
+    return value
+
+
+def _name(frame: Mapping[str, Any], name: str, default: str) -> str:
+    """A short identifier (a task name): which ones a server takes is the backend's to say."""
+    value = frame.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise bad_request(
+            f"field {name!r} must be a name of at most 32 lowercase letters, digits or _, "
+            f"got {shown(value)}"
+        )
+    return value
+
+
+def _prompt(frame: Mapping[str, Any]) -> str | None:
+    value = frame.get("prompt")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request(f"field 'prompt' must be a non-empty string, got {shown(value)}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise bad_request(f"field 'prompt' must be at most {MAX_PROMPT_CHARS} characters")
     return value
 
 

@@ -27,7 +27,7 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from ragws.engine.sequence import TokenEvent
 from ragws.errors import ErrorCode, RequestError, RequestId
-from ragws.pipeline.ocr.backend import OcrOptions, read_text
+from ragws.pipeline.ocr.backend import OcrOptions, check_mode, read_text
 from ragws.pipeline.parse import ParsedDocument
 from ragws.runtime import fairness
 from ragws.runtime.deadlines import DeadlineExceeded, deadline_scope
@@ -369,8 +369,10 @@ class Session:
                 "this server has no ocr model (started with --ocr-model none)",
             )
         started = time.monotonic()
+        check_mode(ocr, request.mode)
         options = OcrOptions(
             mode=request.mode,
+            prompt=request.prompt,
             max_tokens=request.max_tokens,
             box=request.box,
             crop=request.crop,

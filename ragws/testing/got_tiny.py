@@ -70,6 +70,7 @@ __all__ = [
     "GOT_SPECIAL_TOKENS",
     "SIZES",
     "GotSize",
+    "build_bpe_tokenizer",
     "build_got_ocr2",
     "build_got_tokenizer",
     "build_tiny_got_ocr2",
@@ -254,12 +255,38 @@ def _filler_token(index: int) -> str:
 def build_got_tokenizer(regular_vocab: int = 512) -> Any:
     """Train a byte-level BPE tokenizer laid out like GOT's (Qwen) tokenizer.
 
+    ``regular_vocab`` regular tokens are followed by :data:`GOT_SPECIAL_TOKENS` (see
+    :func:`build_bpe_tokenizer`), with bos = eos = pad = ``<|endoftext|>`` and
+    ``model_max_length`` 8000 like ``convert_got_ocr2_weights_to_hf.write_tokenizer``.
+    """
+    return build_bpe_tokenizer(
+        regular_vocab,
+        GOT_SPECIAL_TOKENS,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=MODEL_MAX_LENGTH,
+    )
+
+
+def build_bpe_tokenizer(
+    regular_vocab: int,
+    special_tokens: Sequence[str],
+    *,
+    bos_token: str | None,
+    eos_token: str,
+    pad_token: str,
+    model_max_length: int,
+) -> Any:
+    """Train a byte-level BPE tokenizer laid out like Qwen's, with ``special_tokens`` after
+    the regular vocabulary (in their order: the first gets id ``regular_vocab``).
+
     ``regular_vocab`` regular tokens (the 256 byte symbols, merges learnt from a built-in
-    corpus, then filler tokens up to the count) are followed by :data:`GOT_SPECIAL_TOKENS`.
-    Any Unicode text round-trips (byte fallback: unseen characters such as emoji become
-    several byte tokens).  Wrapped as ``PreTrainedTokenizerFast`` with bos = eos = pad =
-    ``<|endoftext|>``, ``model_max_length`` 8000 and ``clean_up_tokenization_spaces=True``
-    like ``convert_got_ocr2_weights_to_hf.write_tokenizer``.
+    corpus, then filler tokens up to the count) come first. Any Unicode text round-trips
+    (byte fallback: unseen characters such as emoji become several byte tokens). Wrapped as
+    ``PreTrainedTokenizerFast`` with the named bos/eos/pad tokens (each one of
+    ``special_tokens``), the other special tokens as extra special tokens, and
+    ``clean_up_tokenization_spaces=False``.
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -303,17 +330,18 @@ def build_got_tokenizer(regular_vocab: int = 512) -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(GOT_SPECIAL_TOKENS))
-    assert tok.token_to_id("<|endoftext|>") == regular_vocab
-    assert tok.get_vocab_size() == regular_vocab + len(GOT_SPECIAL_TOKENS)
+    tok.add_special_tokens(list(special_tokens))
+    assert tok.token_to_id(special_tokens[0]) == regular_vocab
+    assert tok.get_vocab_size() == regular_vocab + len(special_tokens)
+    named = {bos_token, eos_token, pad_token}
 
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=list(GOT_SPECIAL_TOKENS[1:]),
-        model_max_length=MODEL_MAX_LENGTH,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        extra_special_tokens=[t for t in special_tokens if t not in named],
+        model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
         model_input_names=["input_ids", "attention_mask"],
     )
@@ -385,16 +413,16 @@ _TEXT_GAINS = {"q_proj": 4.0, "k_proj": 4.0, "v_proj": 3.0, "o_proj": 3.0, "down
 _PROJECTOR_GAIN = 2.0
 
 
-def _gain(module_name: str) -> float:
+def _gain(module_name: str, projector: str) -> float:
     if ".language_model." in module_name:
         return _TEXT_GAINS.get(module_name.rsplit(".", 1)[-1], 1.0)
-    if module_name.endswith(".multimodal_projector"):  # the projector's final nn.Linear
+    if module_name.endswith(projector):
         return _PROJECTOR_GAIN
     return 1.0
 
 
 @torch.no_grad()
-def _randomize(model: nn.Module, seed: int) -> None:
+def _randomize(model: nn.Module, seed: int, *, projector: str = ".multimodal_projector") -> None:
     """Re-initialise every weight so activations stay O(1) and outputs depend on the image.
 
     HF's init gives the vision tower std 1e-10 (a constant image embedding) and zero
@@ -402,7 +430,9 @@ def _randomize(model: nn.Module, seed: int) -> None:
     in the decoder and :data:`_PROJECTOR_GAIN` for the projector's linear layer), biases
     N(0, 0.02²), norms 1/0, the absolute and relative position tables N(0, 0.5²)/N(0, 0.1²)
     and the (tied) token embedding N(0, 1), so logits have std ≈ sqrt(hidden) and greedy
-    choices are decisive rather than near-ties.
+    choices are decisive rather than near-ties.  ``projector`` ends the name of the linear
+    layer that writes image features into the decoder (GOT's projector's last layer).  Works
+    for any VLM of Linear/Conv layers, LayerNorms and RMSNorms (Qwen2-VL's ViTs too).
     """
     from transformers.models.got_ocr2.modeling_got_ocr2 import (
         GotOcr2VisionAttention,
@@ -415,9 +445,9 @@ def _randomize(model: nn.Module, seed: int) -> None:
         t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype) * std)
 
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             fan_in = module.weight[0].numel()
-            normal_(module.weight, _gain(name) / math.sqrt(fan_in))
+            normal_(module.weight, _gain(name, projector) / math.sqrt(fan_in))
             if module.bias is not None:
                 normal_(module.bias, 0.02)
         elif isinstance(module, nn.LayerNorm):

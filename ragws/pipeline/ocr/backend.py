@@ -47,6 +47,7 @@ class OcrBackend(Protocol):
 
     modes: tuple[str, ...]  # accepted ``mode`` values
     markup: bool  # whether ``mode="format"`` yields markup (LaTeX, markdown tables)
+    architecture: str  # the model's architecture (a checkpoint's ``architectures`` entry)
 
     @property
     def name(self) -> str: ...
@@ -66,6 +67,11 @@ class OcrBackend(Protocol):
         self, image: bytes | np.ndarray, options: OcrOptions
     ) -> AsyncIterator[TokenEvent]: ...
 
+    def mode_for(self, kind: str) -> str:
+        """The task to read a layout region of ``kind`` with (``text``, ``table``,
+        ``equation``, ...): one of :attr:`modes`."""
+        ...
+
     async def read_regions(
         self,
         rgb: np.ndarray,
@@ -79,6 +85,15 @@ class OcrBackend(Protocol):
         """Every text line of a page with its box, or None for a backend that reads regions
         and cannot place lines (the parse pipeline then reads region by region)."""
         ...
+
+
+def check_mode(backend: OcrBackend, mode: str) -> None:
+    """Refuse a task the backend's model does not have (``bad_request``, naming those it has)."""
+    if mode not in backend.modes:
+        raise bad_request(
+            f"field 'mode' must be one of {', '.join(backend.modes)} for {backend.name}, "
+            f"got {mode!r}"
+        )
 
 
 async def image_region(

@@ -52,6 +52,7 @@ class LineOcrService:
     #: Both modes give the same text here: the backend has no markup.
     modes: tuple[str, ...] = ("format", "plain")
     markup = False
+    architecture = "PP-OCR"  # detection, line orientation and recognition models
 
     def __init__(
         self,
@@ -216,6 +217,10 @@ class LineOcrService:
         finally:
             await lines.aclose()
         return found
+
+    def mode_for(self, kind: str) -> str:
+        """Lines are lines, whatever the region: one task."""
+        return "plain"
 
     async def read_regions(
         self, rgb: np.ndarray, regions: Sequence[BBox], modes: Sequence[str] = ()

@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 class OcrService:
     """GOT-OCR2 behind the continuous-batching engine (see the module docstring)."""
 
-    modes: tuple[str, ...] = ("format", "plain")
-    markup = True
-
     def __init__(
         self,
         runner: StepRunner,
@@ -63,6 +60,21 @@ class OcrService:
     @property
     def name(self) -> str:
         return self.engine.name
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return self.engine.tasks.modes
+
+    @property
+    def markup(self) -> bool:
+        return self.engine.tasks.markup
+
+    @property
+    def architecture(self) -> str:
+        return self.engine.tasks.architecture
+
+    def mode_for(self, kind: str) -> str:
+        return self.engine.tasks.mode_for(kind)
 
     @property
     def limits(self) -> EngineLimits:
