@@ -297,14 +297,14 @@ def test_smaller_vision_grid_derives_its_token_count(tmp_path: Path, model_dir: 
     is 256), and still matches ``generate`` given the same count."""
     from transformers import GotOcr2Config
 
-    from ragws.testing.got_tiny import _randomize
+    from ragws.testing.got_tiny import randomize
 
     config = GotOcr2Config.from_pretrained(model_dir)
     config.vision_config.image_size = 64
     config.image_seq_length = 64
     torch.manual_seed(0)
     model = GotOcr2ForConditionalGeneration(config).eval()
-    _randomize(model, seed=1)
+    randomize(model, seed=1)
     model.save_pretrained(tmp_path)
     processor = AutoProcessor.from_pretrained(model_dir)
     processor.image_processor.size = {"height": 64, "width": 64}

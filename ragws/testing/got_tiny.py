@@ -422,7 +422,7 @@ def _gain(module_name: str, projector: str) -> float:
 
 
 @torch.no_grad()
-def _randomize(model: nn.Module, seed: int, *, projector: str = ".multimodal_projector") -> None:
+def randomize(model: nn.Module, seed: int, *, projector: str = ".multimodal_projector") -> None:
     """Re-initialise every weight so activations stay O(1) and outputs depend on the image.
 
     HF's init gives the vision tower std 1e-10 (a constant image embedding) and zero
@@ -606,7 +606,7 @@ def build_got_ocr2(
 
     torch.manual_seed(seed)
     model = GotOcr2ForConditionalGeneration(config).eval()
-    _randomize(model, seed)
+    randomize(model, seed)
 
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")

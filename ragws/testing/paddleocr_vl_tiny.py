@@ -36,8 +36,8 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from ragws.testing.got_tiny import _randomize, build_bpe_tokenizer, synthetic_images
-from ragws.testing.qwen2_vl_tiny import _greedy
+from ragws.testing.got_tiny import build_bpe_tokenizer, randomize, synthetic_images
+from ragws.testing.qwen2_vl_tiny import calibrate_mixed_stops
 
 __all__ = [
     "ARCHITECTURE",
@@ -232,33 +232,6 @@ def _chat_inputs(processor: Any, image: Image.Image, instruction: str) -> Any:
 
 
 @torch.no_grad()
-def _calibrate_mixed_stops(
-    model: Any, processor: Any, stop_id: int, images: Sequence[Image.Image]
-) -> tuple[int, list[list[int]]]:
-    """Give ``</s>`` 1.25 × the row of a stand-in token X, X chosen so that some greedy answers
-    stop early (after their first token) and some run to the end; return X and the answers
-    (cut after their stop)."""
-    inputs = [_chat_inputs(processor, image, CALIBRATION_PROMPT) for image in images]
-    emb = model.get_input_embeddings().weight
-    emb[stop_id].zero_()
-    base = _greedy(model, inputs, CALIBRATION_STEPS)
-    seen: dict[int, int] = {}  # token → answers that produce it after their first token
-    for answer in base:
-        for token in set(answer[1:]):
-            seen[token] = seen.get(token, 0) + 1
-    target = len(images) / 2
-    for token in sorted(seen, key=lambda t: (abs(seen[t] - target), t))[:12]:
-        emb[stop_id] = 1.25 * emb[token]
-        answers = _greedy(model, inputs, CALIBRATION_STEPS)
-        stops = [next((i for i, t in enumerate(a) if t == stop_id), None) for a in answers]
-        early = sum(1 for i in stops if i is not None and i >= 1)
-        full = sum(1 for i in stops if i is None)
-        if early >= 2 and full >= 2 and early + full == len(answers):
-            cut = [a if i is None else a[: i + 1] for a, i in zip(answers, stops, strict=True)]
-            return token, cut
-    raise RuntimeError("no stand-in token gives a mix of stopping answers; try another seed")
-
-
 def build_tiny_paddleocr_vl(
     out_dir: Path | str, *, seed: int = 0, eos_mode: EosMode = "mixed"
 ) -> Path:
@@ -275,10 +248,10 @@ def build_tiny_paddleocr_vl(
     config = _config(tokenizer)
     torch.manual_seed(seed)
     model = transformers.PaddleOCRVLForConditionalGeneration(config).eval()
-    _randomize(model, seed, projector=".projector.linear_2")
+    randomize(model, seed, projector=".projector.linear_2")
     with torch.no_grad():
         # HF's init leaves the learned position table near zero; give it weight, as
-        # _randomize does GOT's, so that where a patch sits changes its features.
+        # randomize does GOT's, so that where a patch sits changes its features.
         table = model.model.visual.vision_model.embeddings.position_embedding.weight
         generator = torch.Generator().manual_seed(seed + 1)
         table.copy_(0.5 * torch.randn(table.shape, generator=generator))
@@ -306,7 +279,8 @@ def build_tiny_paddleocr_vl(
             emb[eos].zero_()
         elif eos_mode == "mixed":
             images = synthetic_images(CALIBRATION_IMAGES, seed=seed)
-            standin, answers = _calibrate_mixed_stops(model, processor, eos, images)
+            inputs = [_chat_inputs(processor, image, CALIBRATION_PROMPT) for image in images]
+            standin, answers = calibrate_mixed_stops(model, inputs, eos, "</s>", CALIBRATION_STEPS)
             info["standin_token_id"] = standin
             info["calibration"] = {
                 "images": f"synthetic_images({CALIBRATION_IMAGES}, seed={seed})",

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from ragws.testing.got_tiny import _randomize, build_bpe_tokenizer, synthetic_images
+from ragws.testing.got_tiny import build_bpe_tokenizer, randomize, synthetic_images
 
 __all__ = [
     "ARCHITECTURES",
@@ -229,7 +229,7 @@ def _chat_inputs(processor: Any, image: Image.Image, instruction: str) -> Any:
     )
 
 
-def _greedy(model: Any, inputs: list[Any], steps: int) -> list[list[int]]:
+def greedy(model: Any, inputs: list[Any], steps: int) -> list[list[int]]:
     """Greedy continuations (no stop) of prompts, each run alone."""
     outputs = []
     for one in inputs:
@@ -246,31 +246,37 @@ def _greedy(model: Any, inputs: list[Any], steps: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _calibrate_mixed_stops(
-    model: Any, processor: Any, stop_id: int, images: Sequence[Image.Image]
+def calibrate_mixed_stops(
+    model: Any,
+    inputs: list[Any],
+    stop_id: int,
+    stop_name: str,
+    steps: int = CALIBRATION_STEPS,
 ) -> tuple[int, list[list[int]]]:
-    """Give ``<|im_end|>`` 1.25 × the row of a stand-in token X, X chosen so that some greedy
-    answers stop early (after their first token) and some run to the end; return X and the
-    answers (cut after their stop)."""
-    inputs = [_chat_inputs(processor, image, "\nText Recognition:") for image in images]
+    """Give the stop token (``stop_name``, id ``stop_id``) 1.25 × the embedding row of a
+    stand-in token X, X chosen so that, on ``inputs`` (the processor's chat inputs), some
+    greedy answers stop early (after their first token) and some run to the end; return X and
+    the answers (cut after their stop)."""
     emb = model.get_input_embeddings().weight
     emb[stop_id].zero_()
-    base = _greedy(model, inputs, CALIBRATION_STEPS)
+    base = greedy(model, inputs, steps)
     seen: dict[int, int] = {}  # token → answers that produce it after their first token
     for answer in base:
         for token in set(answer[1:]):
             seen[token] = seen.get(token, 0) + 1
-    target = len(images) / 2
+    target = len(inputs) / 2
     for token in sorted(seen, key=lambda t: (abs(seen[t] - target), t))[:12]:
         emb[stop_id] = 1.25 * emb[token]
-        answers = _greedy(model, inputs, CALIBRATION_STEPS)
+        answers = greedy(model, inputs, steps)
         stops = [next((i for i, t in enumerate(a) if t == stop_id), None) for a in answers]
         early = sum(1 for i in stops if i is not None and i >= 1)
         full = sum(1 for i in stops if i is None)
         if early >= 2 and full >= 2 and early + full == len(answers):
             cut = [a if i is None else a[: i + 1] for a, i in zip(answers, stops, strict=True)]
             return token, cut
-    raise RuntimeError("no stand-in token gives a mix of stopping answers; try another seed")
+    raise RuntimeError(
+        f"no stand-in token for {stop_name} gives a mix of stopping answers; try another seed"
+    )
 
 
 def build_tiny_qwen2_vl(
@@ -295,7 +301,7 @@ def build_tiny_qwen2_vl(
     config = _config(arch, tokenizer)
     torch.manual_seed(seed)
     model = getattr(transformers, ARCHITECTURES[arch])(config).eval()
-    _randomize(model, seed, projector=".merger.mlp.2")
+    randomize(model, seed, projector=".merger.mlp.2")
 
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -327,7 +333,8 @@ def build_tiny_qwen2_vl(
             emb[im_end].zero_()
         elif eos_mode == "mixed":
             images = synthetic_images(CALIBRATION_IMAGES, seed=seed)
-            standin, answers = _calibrate_mixed_stops(model, processor, im_end, images)
+            inputs = [_chat_inputs(processor, image, "\nText Recognition:") for image in images]
+            standin, answers = calibrate_mixed_stops(model, inputs, im_end, "<|im_end|>")
             info["standin_token_id"] = standin
             info["calibration"] = {
                 "images": f"synthetic_images({CALIBRATION_IMAGES}, seed={seed})",
