@@ -25,9 +25,18 @@ machines; absolute tokens/s are only this machine's. The static batch is the upp
 what batching without scheduling gets: every sequence starts and ends together, which real
 traffic never does. The server's value is matching it while requests come and go.
 
+``--arch`` picks the family: ``got_ocr2`` (default), ``qwen2_vl`` (MinerU2.5's architecture),
+``qwen2_5_vl`` (olmOCR-2's) or ``paddleocr_vl``, each a random-weight checkpoint of the real
+architecture (``mid``: a 512-wide, 8-layer decoder; images resized to 448 × 448, 256 image
+tokens, so that the static batch needs no padding), asked its default task through its own chat
+template. ``--prefill-budgets 256,100000`` adds TTFT at 16 simultaneous arrivals with chunked
+prefill (a small per-step budget: prompts prefilled over several steps, running streams keep
+decoding) against whole prefills (a budget no prompt reaches).
+
 Example::
 
     python loadtest/ocr_bench.py                      # mid size, 256 tokens, 1/4/16 streams
+    python loadtest/ocr_bench.py --arch qwen2_vl --prefill-budgets 256,100000
     python loadtest/ocr_bench.py --size real --device cuda --max-tokens 256 --json gpu.json
 """
 
@@ -57,6 +66,42 @@ from ragws.bootstrap import create_app
 from ragws.config import Settings
 from ragws.testing.got_tiny import build_got_ocr2, synthetic_images
 
+ARCHS = ("got_ocr2", "qwen2_vl", "qwen2_5_vl", "paddleocr_vl")
+#: The VLMs' images: one size, so every prompt has the same length (a static batch unpadded).
+VLM_IMAGE_SIDE = 448
+
+
+def build_model(arch: str, out_dir: Path, size: str) -> Path:
+    """A random-weight checkpoint of ``arch`` at ``size``, as ``ragws serve`` loads one."""
+    if arch == "got_ocr2":
+        return build_got_ocr2(out_dir, size)
+    if size == "real":
+        raise SystemExit(f"--size real: pass a {arch} checkpoint directory as --model")
+    if arch == "paddleocr_vl":
+        from ragws.testing.paddleocr_vl_tiny import build_tiny_paddleocr_vl
+
+        return build_tiny_paddleocr_vl(out_dir, size=size, eos_mode="never")
+    from ragws.testing.qwen2_vl_tiny import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(out_dir, arch, size=size, eos_mode="never")
+
+
+def vlm_messages(arch: str, image: Image.Image) -> list[dict]:
+    """The request the server sends for the checkpoint's default task (``mode`` format)."""
+    if arch == "paddleocr_vl":
+        from ragws.models.paddleocr_vl import DEFAULT_MODE, MODES
+
+        content = [{"type": "image", "image": image}, {"type": "text", "text": MODES[DEFAULT_MODE]}]
+        return [{"role": "user", "content": content}]
+    from ragws.models.qwen2_vl import DEFAULT_MODES, MODES, SYSTEM_PROMPT
+    from ragws.testing.qwen2_vl_tiny import ARCHITECTURES
+
+    task = MODES[DEFAULT_MODES[ARCHITECTURES[arch]]]
+    content = [{"type": "image", "image": image}, {"type": "text", "text": task.instruction}]
+    if task.text_first:
+        content.reverse()
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+
 
 def load_images(n: int) -> list[Image.Image]:
     """The fixture crops (real table and title images), then synthetic pages up to ``n``."""
@@ -76,6 +121,7 @@ def png(image: Image.Image) -> bytes:
 
 
 def hf_runs(
+    arch: str,
     model_dir: Path,
     images: list[Image.Image],
     max_tokens: int,
@@ -83,15 +129,33 @@ def hf_runs(
     sequential: int,
     device: str,
 ) -> dict[str, float]:
-    from transformers import AutoProcessor, GotOcr2ForConditionalGeneration
+    import transformers
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = GotOcr2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device)
+    config = json.loads((model_dir / "config.json").read_text())
+    model_class = getattr(transformers, config["architectures"][0])
+    model = model_class.from_pretrained(model_dir, dtype=dtype).to(device)
     model.eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
+
+    def inputs_of(batch_images: list[Image.Image]) -> dict:
+        if arch == "got_ocr2":
+            return processor(images=batch_images, format=True, return_tensors="pt")
+        each = [
+            processor.apply_chat_template(
+                vlm_messages(arch, image),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+            )
+            for image in batch_images
+        ]
+        # Equal-sized images: equal-length prompts, stacked without padding.
+        return {key: torch.cat([e[key] for e in each]) for key in each[0]}
 
     def generate(batch_images: list[Image.Image]) -> int:
-        inputs = processor(images=batch_images, format=True, return_tensors="pt").to(device)
+        inputs = {k: v.to(device) for k, v in inputs_of(batch_images).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         with torch.inference_mode():
             out = model.generate(
@@ -169,15 +233,23 @@ async def server_run(
     }
 
 
-async def run_server(args: argparse.Namespace, model_dir: Path, images: list[Image.Image]) -> list:
-    prompt_room = 300 * (args.crop_tiles or 1)
+async def run_server(
+    args: argparse.Namespace,
+    model_dir: Path,
+    images: list[Image.Image],
+    streams: list[int],
+    prefill_budget: int | None = None,
+) -> list:
+    prompt_room = (300 if args.arch == "got_ocr2" else 800) * (args.crop_tiles or 1)
+    budget = {} if prefill_budget is None else {"ocr_max_prefill_tokens": prefill_budget}
     settings = Settings(
         port=0,
         device=args.device,
         ocr_model=str(model_dir),
-        ocr_batch_size=max(args.streams),
+        ocr_batch_size=max(streams),
         max_model_len=prompt_room + args.max_tokens + 16,
         layout_preferred_batch_size="1",
+        **budget,
     )
     runner = web.AppRunner(create_app(settings))
     await runner.setup()
@@ -188,10 +260,10 @@ async def run_server(args: argparse.Namespace, model_dir: Path, images: list[Ima
     results = []
     try:
         await server_run(url, images, 1, 1, 4)  # warm-up
-        for streams in args.streams:
-            requests = max(streams, args.sequential) if streams == 1 else streams
-            result = await server_run(url, images, streams, requests, args.max_tokens)
-            log(f"ragws, {streams} streams: {result['tokens_per_s']:.1f} tok/s")
+        for count in streams:
+            requests = max(count, args.sequential) if count == 1 else count
+            result = await server_run(url, images, count, requests, args.max_tokens)
+            log(f"ragws, {count} streams: {result['tokens_per_s']:.1f} tok/s")
             results.append(result)
     finally:
         await runner.cleanup()
@@ -200,8 +272,9 @@ async def run_server(args: argparse.Namespace, model_dir: Path, images: list[Ima
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="got_ocr2", choices=ARCHS)
     parser.add_argument("--size", default="mid", choices=("tiny", "mid", "real"))
-    parser.add_argument("--model", type=Path, help="use this GOT-OCR2 directory instead")
+    parser.add_argument("--model", type=Path, help="use this checkpoint directory instead")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16, help="HF static batch size")
@@ -210,17 +283,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16]
     )
     parser.add_argument("--crop-tiles", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--prefill-budgets",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[],
+        help="also TTFT at 16 simultaneous arrivals under each ocr_max_prefill_tokens",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or build_got_ocr2(Path(tmp) / args.size, args.size)
+        model_dir = args.model or build_model(args.arch, Path(tmp) / args.size, args.size)
         images = load_images(max(args.batch, max(args.streams)))
-        hf = hf_runs(model_dir, images, args.max_tokens, args.batch, args.sequential, args.device)
-        served = asyncio.run(run_server(args, model_dir, images))
+        if args.arch != "got_ocr2":
+            images = [im.resize((VLM_IMAGE_SIDE, VLM_IMAGE_SIDE)) for im in images]
+        hf = hf_runs(
+            args.arch, model_dir, images, args.max_tokens, args.batch, args.sequential, args.device
+        )
+        served = asyncio.run(run_server(args, model_dir, images, args.streams))
+        prefill = []
+        for budget in args.prefill_budgets:
+            (result,) = asyncio.run(run_server(args, model_dir, images, [16], budget))
+            log(f"16 arrivals, prefill budget {budget}: TTFT p50 {result['ttft_p50_ms']:.0f} ms")
+            prefill.append({"prefill_budget": budget, **result})
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
-    print(f"\nGOT-OCR2 {args.size} (random weights), {args.max_tokens} tokens/request, {device}")
+    print(f"\n{args.arch} {args.size} (random weights), {args.max_tokens} tokens/request, {device}")
     print(f"{'run':<22}{'tok/s':>9}{'vs HF seq':>11}{'vs HF batch':>13}{'TTFT p50':>10}{'p95':>9}")
     print(f"{'HF sequential':<22}{hf['hf_sequential']:>9.1f}{1.0:>11.2f}")
     print(f"{f'HF static batch {args.batch}':<22}{hf['hf_static_batch']:>9.1f}")
@@ -231,10 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['tokens_per_s'] / hf['hf_static_batch']:>13.2f}"
             f"{r['ttft_p50_ms']:>8.0f}ms{r['ttft_p95_ms']:>7.0f}ms"
         )
-    if args.json:
-        args.json.write_text(
-            json.dumps({"size": args.size, "device": device, **hf, "ragws": served}, indent=2)
+    for r in prefill:
+        print(
+            f"{'16 arrivals, budget ' + str(r['prefill_budget']):<22}{r['tokens_per_s']:>9.1f}"
+            f"{'':>24}{r['ttft_p50_ms']:>8.0f}ms{r['ttft_p95_ms']:>7.0f}ms"
         )
+    if args.json:
+        result = {"arch": args.arch, "size": args.size, "device": device, **hf, "ragws": served}
+        args.json.write_text(json.dumps({**result, "prefill": prefill}, indent=2))
     return 0
 
 

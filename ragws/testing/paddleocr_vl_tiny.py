@@ -177,12 +177,39 @@ def build_paddleocr_vl_tokenizer(regular_vocab: int = REGULAR_VOCAB) -> Any:
     )
 
 
-def _processor(tokenizer: Any) -> Any:
+#: ``size="mid"``: what the benchmarks run on a CPU (a 512-wide, 8-layer decoder, as GOT-OCR2's
+#: mid build; a 4-layer vision tower; up to 256 image tokens); ``tiny`` is the tests'.
+_MID_TEXT: dict[str, Any] = {
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 500000.0,
+        "mrope_section": [8, 12, 12],
+    },
+}
+_MID_VISION: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "image_size": 224,
+}
+_MID_PIXELS = (64 * 28 * 28, 256 * 28 * 28)
+SIZES = ("tiny", "mid")
+
+
+def _processor(tokenizer: Any, size: str = "tiny") -> Any:
     from transformers import PaddleOCRVLImageProcessor, PaddleOCRVLProcessor
 
+    low, high = _MID_PIXELS if size == "mid" else (MIN_PIXELS, MAX_PIXELS)
     image_processor = PaddleOCRVLImageProcessor(
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
+        min_pixels=low,
+        max_pixels=high,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
@@ -193,7 +220,7 @@ def _processor(tokenizer: Any) -> Any:
     )
 
 
-def _config(tokenizer: Any) -> Any:
+def _config(tokenizer: Any, size: str = "tiny") -> Any:
     from transformers import PaddleOCRVLConfig
 
     def token(name: str) -> int:
@@ -201,6 +228,7 @@ def _config(tokenizer: Any) -> Any:
 
     text = {
         **_TEXT_CONFIG,
+        **(_MID_TEXT if size == "mid" else {}),
         "vocab_size": len(tokenizer),
         "pad_token_id": token("<unk>"),
         "bos_token_id": token("<s>"),
@@ -208,7 +236,7 @@ def _config(tokenizer: Any) -> Any:
     }
     config = PaddleOCRVLConfig(
         text_config=text,
-        vision_config=_VISION_CONFIG,
+        vision_config={**_VISION_CONFIG, **(_MID_VISION if size == "mid" else {})},
         image_token_id=token("<|IMAGE_PLACEHOLDER|>"),
         video_token_id=token("<|video_pad|>"),
         vision_start_token_id=token("<|IMAGE_START|>"),
@@ -233,19 +261,21 @@ def _chat_inputs(processor: Any, image: Image.Image, instruction: str) -> Any:
 
 @torch.no_grad()
 def build_tiny_paddleocr_vl(
-    out_dir: Path | str, *, seed: int = 0, eos_mode: EosMode = "mixed"
+    out_dir: Path | str, *, seed: int = 0, eos_mode: EosMode = "mixed", size: str = "tiny"
 ) -> Path:
-    """Build a tiny random-weight PaddleOCR-VL and ``save_pretrained`` model, generation config
-    and processor (tokenizer, image processor, chat template) into ``out_dir``, with
-    ``ragws_paddleocr_vl_build.json`` describing the build. Returns ``out_dir``. Takes a few
-    seconds on a CPU."""
+    """Build a tiny (or, ``size="mid"``, a benchmark-sized) random-weight PaddleOCR-VL and
+    ``save_pretrained`` model, generation config and processor (tokenizer, image processor, chat
+    template) into ``out_dir``, with ``ragws_paddleocr_vl_build.json`` describing the build.
+    Returns ``out_dir``. Takes a few seconds on a CPU."""
     import transformers
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_paddleocr_vl_tokenizer()
-    processor = _processor(tokenizer)
-    config = _config(tokenizer)
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    processor = _processor(tokenizer, size)
+    config = _config(tokenizer, size)
     torch.manual_seed(seed)
     model = transformers.PaddleOCRVLForConditionalGeneration(config).eval()
     randomize(model, seed, projector=".projector.linear_2")

@@ -156,6 +156,32 @@ _VISION_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+#: ``size="mid"``: what the benchmarks run on a CPU (a 512-wide, 8-layer decoder, as GOT-OCR2's
+#: mid build; a 4-block vision tower; up to 256 image tokens); ``tiny`` is the tests'.
+_MID_TEXT: dict[str, Any] = {
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+}
+_MID_VISION: dict[str, dict[str, Any]] = {
+    "qwen2_vl": {"depth": 4, "embed_dim": 256, "hidden_size": 512, "num_heads": 4},
+    "qwen2_5_vl": {
+        "depth": 4,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_heads": 4,
+        "out_hidden_size": 512,
+        "window_size": 112,
+        "fullatt_block_indexes": [3],
+    },
+}
+_MID_PIXELS = (64 * 28 * 28, 256 * 28 * 28)
+SIZES = ("tiny", "mid")
+
+
 def build_qwen_vl_tokenizer(regular_vocab: int = REGULAR_VOCAB) -> Any:
     """A byte-level BPE tokenizer laid out like Qwen2-VL's: ``regular_vocab`` regular tokens,
     then :data:`QWEN_VL_SPECIAL_TOKENS`; eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos."""
@@ -169,7 +195,7 @@ def build_qwen_vl_tokenizer(regular_vocab: int = REGULAR_VOCAB) -> Any:
     )
 
 
-def _processor(arch: str, tokenizer: Any) -> Any:
+def _processor(arch: str, tokenizer: Any, size: str = "tiny") -> Any:
     from transformers import (
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessor,
@@ -178,8 +204,9 @@ def _processor(arch: str, tokenizer: Any) -> Any:
     )
 
     processor_class = Qwen2VLProcessor if arch == "qwen2_vl" else Qwen2_5_VLProcessor
+    low, high = _MID_PIXELS if size == "mid" else (MIN_PIXELS, MAX_PIXELS)
     return processor_class(
-        image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+        image_processor=Qwen2VLImageProcessor(min_pixels=low, max_pixels=high),
         tokenizer=tokenizer,
         # Required by the processors, though OCR sends no video.
         video_processor=Qwen2VLVideoProcessor(),
@@ -187,7 +214,7 @@ def _processor(arch: str, tokenizer: Any) -> Any:
     )
 
 
-def _config(arch: str, tokenizer: Any) -> Any:
+def _config(arch: str, tokenizer: Any, size: str = "tiny") -> Any:
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     def token(name: str) -> int:
@@ -196,6 +223,7 @@ def _config(arch: str, tokenizer: Any) -> Any:
     eot = token("<|endoftext|>")
     text = {
         **_TEXT_CONFIG,
+        **(_MID_TEXT if size == "mid" else {}),
         "vocab_size": len(tokenizer),
         "bos_token_id": eot,
         "eos_token_id": token("<|im_end|>"),
@@ -204,7 +232,7 @@ def _config(arch: str, tokenizer: Any) -> Any:
     config_class = Qwen2VLConfig if arch == "qwen2_vl" else Qwen2_5_VLConfig
     config = config_class(
         text_config=text,
-        vision_config=_VISION_CONFIGS[arch],
+        vision_config={**_VISION_CONFIGS[arch], **(_MID_VISION[arch] if size == "mid" else {})},
         image_token_id=token("<|image_pad|>"),
         video_token_id=token("<|video_pad|>"),
         vision_start_token_id=token("<|vision_start|>"),
@@ -285,20 +313,24 @@ def build_tiny_qwen2_vl(
     *,
     seed: int = 0,
     eos_mode: EosMode = "mixed",
+    size: str = "tiny",
 ) -> Path:
-    """Build a tiny random-weight ``arch`` (a key of :data:`ARCHITECTURES`) and
-    ``save_pretrained`` model, generation config and processor (tokenizer, image and video
-    processors, chat template) into ``out_dir``, with ``ragws_qwen_vl_build.json`` describing
-    the build. Returns ``out_dir``. Takes a few seconds on a CPU."""
+    """Build a tiny (or, ``size="mid"``, a benchmark-sized) random-weight ``arch`` (a key of
+    :data:`ARCHITECTURES`) and ``save_pretrained`` model, generation config and processor
+    (tokenizer, image and video processors, chat template) into ``out_dir``, with
+    ``ragws_qwen_vl_build.json`` describing the build. Returns ``out_dir``. Takes a few seconds on
+    a CPU."""
     import transformers
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_qwen_vl_tokenizer()
-    processor = _processor(arch, tokenizer)
-    config = _config(arch, tokenizer)
+    processor = _processor(arch, tokenizer, size)
+    config = _config(arch, tokenizer, size)
     torch.manual_seed(seed)
     model = getattr(transformers, ARCHITECTURES[arch])(config).eval()
     randomize(model, seed, projector=".merger.mlp.2")
@@ -310,6 +342,7 @@ def build_tiny_qwen2_vl(
     )
     info: dict[str, Any] = {
         "arch": arch,
+        "size": size,
         "seed": seed,
         "eos_mode": eos_mode,
         "stop_token_ids": [im_end, eot],
