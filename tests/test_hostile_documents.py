@@ -97,6 +97,18 @@ def running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+async def back_within(server: ServerProcess, before: int, ratio: float = 1.1) -> int:
+    """The tree's RSS once settled and, within a few seconds, back within ``ratio`` of
+    ``before``: the server gives a large frame's memory back on a thread of its own
+    (``malloc_trim``), which a loaded machine may run a moment after the workers settle."""
+    after = await settled(server)
+    deadline = time.monotonic() + 8
+    while after > before * ratio and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        after = min(after, tree_rss(server.proc.pid))
+    return after
+
+
 async def settled(server: ServerProcess, workers: int = 2) -> int:
     """The tree's RSS once every worker is serving again and nothing waits for one."""
     deadline = time.monotonic() + 20
@@ -182,7 +194,7 @@ async def test_a_hostile_document_gets_its_error_and_spares_everyone_else(docume
             pass
         assert frame["type"] == "done" and frame["pages"] == 1, frame
         await attacker.close()
-        after = await settled(server)
+        after = await back_within(server, before)
         assert after <= before * 1.1, f"RSS {before / MIB:.0f} → {after / MIB:.0f} MiB"
 
 
@@ -215,7 +227,7 @@ async def test_as_many_hostile_documents_as_workers_hold_up_nobody(documents_ser
         assert {frame["code"] for frame in ends.values()} == {"timeout"}, ends
         assert_unhurt(normal, during)
         await attacker.close()
-        after = await settled(server)  # back to two workers
+        after = await back_within(server, before)  # back to two workers
         assert after <= before * 1.1, f"RSS {before / MIB:.0f} → {after / MIB:.0f} MiB"
 
 
