@@ -80,6 +80,7 @@ def create_app(
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend(
         [
+            _preflight(layout_model is None, ocr_runner is None),
             _preprocess_pool,
             _document_service,
             _layout_service(layout_model),
@@ -94,6 +95,31 @@ def create_app(
 
 
 # --- one clean-up context per service --------------------------------------------------------
+
+
+def _preflight(
+    load_layout: bool, load_ocr: bool
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Before anything loads: every model the settings name has the packages its backend
+    needs and can be had from the hub (or its cache), so a setting that cannot work fails in
+    seconds, not after the other models have loaded."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        checks = []
+        if load_layout:
+            checks.append(("layout_model", settings.layout_model, _layout_extra(settings)))
+        if load_ocr and settings.ocr_model not in ("embedded", "none"):
+            checks.append(("ocr_model", settings.ocr_model, "got"))
+        for setting, spec, extra in checks:
+            await in_pool(None, _check_model, setting, spec, extra)
+        yield
+
+    return ctx
+
+
+def _layout_extra(settings: Settings) -> str | None:
+    return "yolo" if settings.layout_model.endswith(("doclayout-yolo", ".pt")) else None
 
 
 async def _preprocess_pool(app: web.Application) -> AsyncIterator[None]:
@@ -131,7 +157,7 @@ def _layout_service(
             _load_model,
             "layout_model",
             settings.layout_model,
-            "yolo" if settings.layout_model.endswith(("doclayout-yolo", ".pt")) else None,
+            _layout_extra(settings),
             lambda: load_layout_model(
                 settings.layout_model, settings.device, settings.inference_threads
             ),
@@ -283,13 +309,11 @@ EXTRA_MODULES = {"got": ("torch", "transformers"), "yolo": ("torch", "doclayout_
 
 
 def _load_model(setting: str, spec: str, extra: str | None, load: Callable[[], T]) -> T:
-    """Run a model loader, failing early and clearly: a package the backend needs (an
-    optional extra) is named with the extra that installs it, and a model from the Hugging
-    Face hub that cannot be had says so in seconds (:func:`_from_hub_or_cache`)."""
+    """Run a model loader; a package the backend needs (an optional extra) that is missing is
+    named with the extra that installs it."""
     try:
         for module in EXTRA_MODULES.get(extra or "", ()):
             importlib.import_module(module)
-        _from_hub_or_cache(spec)
         return load()
     except ImportError as exc:
         if extra is None:
@@ -298,6 +322,12 @@ def _load_model(setting: str, spec: str, extra: str | None, load: Callable[[], T
             f"{setting}={spec}: this backend needs {exc.name or 'a package'}, which is not "
             f"installed; install it with: pip install 'ragws[{extra}]'"
         ) from exc
+
+
+def _check_model(setting: str, spec: str, extra: str | None) -> None:
+    """The packages a model's backend needs are installed, and a model from the Hugging Face
+    hub can be had (:func:`_from_hub_or_cache`)."""
+    _load_model(setting, spec, extra, lambda: _from_hub_or_cache(spec))
 
 
 #: Models fetched from the Hugging Face hub: the setting's value → (repo, a file it has, the fix).
