@@ -14,6 +14,9 @@ machine:
   ``ragws serve`` does, with C concurrent WebSocket clients, each streaming one request at a
   time, for C in ``--streams`` (default 1, 4, 16).
 
+The transformers runs go in a child process of their own, so that the server's process holds
+one OpenMP team, its engine's, as a deployment's does (``ragws.runtime.threads``).
+
 Every request uses ``ignore_eos`` and the same ``--max-tokens``, so every way generates the same
 number of tokens. Tokens/s counts generated tokens over wall time, prefill (vision encoder
 included) and all. TTFT is send → first ``token`` frame.
@@ -46,11 +49,13 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -297,9 +302,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = load_images(max(args.batch, max(args.streams)))
         if args.arch != "got_ocr2":
             images = [im.resize((VLM_IMAGE_SIDE, VLM_IMAGE_SIDE)) for im in images]
-        hf = hf_runs(
-            args.arch, model_dir, images, args.max_tokens, args.batch, args.sequential, args.device
-        )
+        # transformers in a process of its own, as a separate deployment would be: torch's
+        # OpenMP team of this process is then the server engine's alone.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as hf_pool:
+            hf = hf_pool.submit(
+                hf_runs,
+                args.arch,
+                model_dir,
+                images,
+                args.max_tokens,
+                args.batch,
+                args.sequential,
+                args.device,
+            ).result()
         served = asyncio.run(run_server(args, model_dir, images, args.streams))
         prefill = []
         for budget in args.prefill_budgets:

@@ -40,6 +40,7 @@ from ragws.pipeline.ocr.vlm import OcrService
 from ragws.pipeline.parse import ParseService
 from ragws.pipeline.table_service import OrientationService, TableStructureService
 from ragws.runtime.tasks import in_pool
+from ragws.runtime.threads import single_openmp_thread
 from ragws.serving import frames, protocol, readiness
 from ragws.serving.admission import Admission
 from ragws.serving.app import add_routes
@@ -314,10 +315,13 @@ def _load_model(setting: str, spec: str, extra: str | None, load: Callable[[], T
     try:
         for module in EXTRA_MODULES.get(extra or "", ()):
             importlib.import_module(module)
+        # Loading runs once, on a pool thread that lives on: it must not keep an OpenMP team
+        # of its own beside the engine's (ragws.runtime.threads).
+        single_openmp_thread()
         return load()
     except ImportError as exc:
-        if extra is None:
-            raise
+        if extra is None or (exc.name or "").partition(".")[0] == "ragws":
+            raise  # not a missing extra: a fault of ragws's own
         raise RuntimeError(
             f"{setting}={spec}: this backend needs {exc.name or 'a package'}, which is not "
             f"installed; install it with: pip install 'ragws[{extra}]'"

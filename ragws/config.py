@@ -116,7 +116,8 @@ class Settings:
     )
     ocr_vision_batch: int = _setting(
         0,
-        "most image tiles per vision-encoder call; 0 = all of a step's tiles on CUDA, 2 on CPU",
+        "most images (GOT-OCR2: image tiles) per vision-encoder call; 0 = all of a step's, "
+        "except GOT-OCR2 on CPU: 2 tiles",
     )
     ocr_max_prefill_tokens: int = _setting(
         2048,

@@ -10,6 +10,7 @@ model's own processor and chat template make of it, stop token included.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class Request:
     arrive: int = 0  # the engine step before which it reaches the scheduler
     prompt: str | None = None
     sampling: Sampling | None = None
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -67,8 +69,10 @@ class Run:
 @dataclass
 class Case:
     arch: str
+    model_dir: Path
     runner: QwenVlRunner
-    generate: Callable[[Request], tuple[list[int], list[int]]]  # (prompt ids, output ids)
+    # (prompt ids, output ids); keyword arguments go to ``generate``
+    generate: Callable[..., tuple[list[int], list[int]]]
 
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -89,7 +93,7 @@ def case(request: pytest.FixtureRequest) -> Case:
     processor = AutoProcessor.from_pretrained(model_dir)
     stops = sorted(runner.stop_ids)
 
-    def generate(req: Request) -> tuple[list[int], list[int]]:
+    def generate(req: Request, **options: Any) -> tuple[list[int], list[int]]:
         mode = DEFAULT_MODES[config["architectures"][0]] if req.mode == "format" else req.mode
         task = MODES[mode]
         content = [
@@ -116,11 +120,12 @@ def case(request: pytest.FixtureRequest) -> Case:
                 max_new_tokens=req.max_tokens,
                 eos_token_id=stops,
                 pad_token_id=processor.tokenizer.pad_token_id,
+                **options,
             )
         prompt = inputs["input_ids"][0].tolist()
         return prompt, out[0, len(prompt) :].tolist()
 
-    return Case(arch, runner, generate)
+    return Case(arch, model_dir, runner, generate)
 
 
 def drive(
@@ -146,6 +151,7 @@ def drive(
             runner.stop_ids,
             _ignore,
             sampling=req.sampling,
+            repetition_penalty=req.repetition_penalty,
         )
         run.seqs.append(seq)
     aborts = aborts or {}
@@ -253,6 +259,35 @@ def test_seeded_sampling_is_reproducible(case: Case) -> None:
     assert len(alone.output_ids) >= 2
     for i in (0, 1, 3):
         assert run.seqs[i].output_ids == case.generate(crowd[i])[1]
+
+
+def test_repetition_penalty_is_applied_as_generate_does(case: Case, tmp_path: Path) -> None:
+    """Requests with a repetition penalty beside requests without, in one batch: each equals
+    ``generate`` with its penalty (HF's processor over prompt and output), and the penalty
+    changes what the model says. A checkpoint whose generation config has one makes it the
+    default, as it is ``generate``'s."""
+    images = _images(4, seed=5)
+    requests = [
+        Request(images[0], "text", 12, arrive=0, repetition_penalty=1.5),
+        Request(images[1], "text", 12, arrive=0),
+        Request(images[2], "table", 10, arrive=1, repetition_penalty=0.8),
+        Request(images[3], "text", 12, arrive=2, repetition_penalty=1.5),
+    ]
+    run = drive(case.runner, requests, num_slots=3)
+    changed = 0
+    for seq, req in zip(run.seqs, requests, strict=True):
+        penalty = {"repetition_penalty": req.repetition_penalty}
+        assert seq.output_ids == case.generate(req, **penalty)[1], seq.seq_id
+        changed += seq.output_ids != case.generate(req)[1][: len(seq.output_ids)]
+    assert changed >= 1, "the penalty changed no output: the test shows nothing"
+
+    penalized = tmp_path / "penalized"
+    shutil.copytree(case.model_dir, penalized)
+    config_path = penalized / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "repetition_penalty": 1.05}))
+    runner = load_ocr_runner(str(penalized), "cpu", num_slots=1, max_model_len=MAX_MODEL_LEN)
+    assert runner.repetition_penalty == 1.05 and case.runner.repetition_penalty == 1.0
 
 
 def test_abort_frees_the_slot_before_the_next_step(case: Case) -> None:

@@ -30,6 +30,7 @@ from ragws.engine.runner import Prepared, StepRunner, Tasks
 from ragws.engine.scheduler import ScheduledStep, Scheduler
 from ragws.engine.sequence import FinishReason, GenerationParams, Sequence, TokenEvent
 from ragws.runtime import fairness
+from ragws.runtime.threads import single_openmp_thread
 
 if TYPE_CHECKING:
     import numpy as np
@@ -143,7 +144,9 @@ class OcrEngine:
         system: str | None = None,
     ) -> Prepared:
         """The runner's preprocessing of one RGB page (blocking, no GPU: call it on a worker
-        thread). ValueError for options the model cannot take."""
+        thread, whose OpenMP regions then run on it alone, :mod:`ragws.runtime.threads`).
+        ValueError for options the model cannot take."""
+        single_openmp_thread()
         return self.runner.prepare(image, mode=mode, crop=crop, prompt=prompt, system=system)
 
     def submit(
@@ -170,6 +173,11 @@ class OcrEngine:
             emit=emit,
             ignore_eos=params.ignore_eos,
             sampling=params.sampling,
+            repetition_penalty=(
+                self.runner.repetition_penalty
+                if params.repetition_penalty is None
+                else params.repetition_penalty
+            ),
             stop=params.stop,
             skip_special_tokens=params.skip_special_tokens,
             on_start=on_start,

@@ -74,6 +74,13 @@ class GenerationParams:
     sampling: Sampling | None = None  # None: greedy
     stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    # > 1 makes every token already in the prompt or the output less likely (HF's and vLLM's
+    # repetition penalty); None: the checkpoint's generation config's.
+    repetition_penalty: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 @dataclass(slots=True, eq=False)
@@ -86,6 +93,7 @@ class Sequence:
     emit: Callable[[TokenEvent], None]
     ignore_eos: bool = False
     sampling: Sampling | None = None  # None: greedy
+    repetition_penalty: float = 1.0  # 1: none (GenerationParams' resolved by the engine)
     stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
     skip_special_tokens: bool = True  # leave special tokens out of the text
     status: SeqStatus = SeqStatus.WAITING

@@ -144,9 +144,9 @@ def load_ocr_runner(
     :data:`OCR_ARCHITECTURES` (GOT-OCR2, Qwen2-VL, Qwen2.5-VL,
     PaddleOCR-VL), the family picked from its ``config.json``.
 
-    ``vision_batch`` > 0 caps GOT-OCR2's tiles per vision-tower call; ``kv_cache_mb`` > 0 caps
-    the KV cache at that many MiB (fewer slots if need be). ValueError for another
-    architecture."""
+    ``vision_batch`` > 0 caps the images (GOT-OCR2: tiles) per vision-tower call;
+    ``kv_cache_mb`` > 0 caps the KV cache at that many MiB (fewer slots if need be). ValueError
+    for another architecture."""
     if spec != _GOT_HUB_SPEC:
         spec = OCR_HUB_MODELS.get(spec, spec)  # a short name: its hub repository
     architecture = checkpoint_architecture(spec)
@@ -167,6 +167,7 @@ def load_ocr_runner(
             num_slots=num_slots,
             max_model_len=max_model_len,
             kv_budget_bytes=kv_budget_bytes,
+            vision_batch=vision_batch or None,
         )
     if family == "qwen2_vl":
         from ragws.models.qwen2_vl import QwenVlRunner
@@ -177,6 +178,7 @@ def load_ocr_runner(
             num_slots=num_slots,
             max_model_len=max_model_len,
             kv_budget_bytes=kv_budget_bytes,
+            vision_batch=vision_batch or None,
         )
     from ragws.models.got_ocr2 import GotOcr2Runner
 

@@ -19,7 +19,12 @@ import numpy as np
 import torch
 
 from ragws.engine.runner import Tasks
-from ragws.models.slot_runner import ModelUnavailableError, SlotAttention, SlotRunner
+from ragws.models.slot_runner import (
+    ModelUnavailableError,
+    SlotAttention,
+    SlotRunner,
+    default_repetition_penalty,
+)
 from ragws.models.text_decoder import TextDecoder, freeze_tokenizer_settings
 
 __all__ = [
@@ -113,6 +118,7 @@ class GotOcr2:
         self.stop_ids = frozenset(vocab[t] for t in STOP_TOKENS if t in vocab)
         if not self.stop_ids:
             raise ValueError(f"{spec}: the tokenizer has none of the stop tokens {STOP_TOKENS}")
+        self.repetition_penalty = default_repetition_penalty(self.model.generation_config)
 
         config = self.model.config
         self.image_token_id: int = config.image_token_id

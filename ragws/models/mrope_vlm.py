@@ -27,7 +27,12 @@ import numpy as np
 import torch
 
 from ragws.engine.runner import Tasks
-from ragws.models.slot_runner import ModelUnavailableError, SlotAttention, SlotRunner
+from ragws.models.slot_runner import (
+    ModelUnavailableError,
+    SlotAttention,
+    SlotRunner,
+    default_repetition_penalty,
+)
 from ragws.models.text_decoder import TextDecoder, freeze_tokenizer_settings
 
 #: The engine's model-independent modes (GOT's): each asks for the checkpoint's default task.
@@ -64,8 +69,9 @@ class MRopeVlm:
     tasks: Tasks
     summary: str
 
-    def __init__(self, spec: str, device: str = "cpu") -> None:
-        """Load ``spec`` (a ``save_pretrained`` directory, or a hub id) onto ``device``."""
+    def __init__(self, spec: str, device: str = "cpu", vision_batch: int | None = None) -> None:
+        """Load ``spec`` (a ``save_pretrained`` directory, or a hub id) onto ``device``;
+        ``vision_batch`` caps the images per vision-tower call (None: a step's all)."""
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.kind = "cuda" if device.startswith("cuda") else "cpu"
@@ -74,6 +80,7 @@ class MRopeVlm:
         self.dtype = torch.bfloat16 if self.kind == "cuda" else torch.float32
         local = Path(spec).expanduser()
         self.name = local.resolve().name if local.is_dir() else spec
+        self.vision_batch = vision_batch
         self.model, self.processor = load(spec, self.dtype, self.device, self.ARCHITECTURES)
         self.architecture: str = type(self.model).__name__
         self.display_name = self.ARCHITECTURES[self.architecture]
@@ -84,6 +91,7 @@ class MRopeVlm:
         self.image_token_id: int = config.image_token_id
         self.merge_size: int = config.vision_config.spatial_merge_size
         self.stop_ids = stop_ids(self.tokenizer, self.model.generation_config, self.STOP_TOKENS)
+        self.repetition_penalty = default_repetition_penalty(self.model.generation_config)
         if not self.stop_ids:
             raise ValueError(
                 f"{spec}: the tokenizer has none of the stop tokens {self.STOP_TOKENS}"
@@ -143,16 +151,24 @@ class MRopeVlm:
         )
 
     def encode_images(self, prepared: list[MRopePrompt]) -> list[torch.Tensor]:
-        """The vision tower (and merger or projector), one request at a time, as ``generate``
-        runs it: ``(image tokens, hidden)`` per request."""
-        features = []
-        for p in prepared:
+        """The vision tower (and merger or projector) over the images of several requests in
+        one call (``vision_batch`` at most): ``(image tokens, hidden)`` per request.
+
+        The towers pack images as one sequence with per-image attention bounds (``cu_seqlens``
+        from the grids), so an image's features do not depend on the others in the call: they
+        equal ``generate``'s, which encodes one request's images alone."""
+        features: list[torch.Tensor] = []
+        size = self.vision_batch or len(prepared)
+        for i in range(0, len(prepared), size):
+            batch = prepared[i : i + size]
             out = self.model.model.get_image_features(
-                p.pixel_values.to(self.device, self.dtype),
-                p.image_grid_thw.to(self.device),
+                torch.cat([p.pixel_values for p in batch]).to(self.device, self.dtype),
+                torch.cat([p.image_grid_thw for p in batch]).to(self.device),
                 return_dict=True,
             )
-            features.append(torch.cat(out.pooler_output))
+            images = iter(out.pooler_output)  # one tensor per image, in the grids' order
+            for p in batch:
+                features.append(torch.cat([next(images) for _ in range(len(p.image_grid_thw))]))
         return features
 
     def embed(self, ids: torch.Tensor, images: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -185,12 +201,14 @@ class MRopeVlmRunner(SlotRunner):
         num_slots: int = 16,
         max_model_len: int = 4096,
         kv_budget_bytes: int | None = None,
+        vision_batch: int | None = None,
     ) -> None:
         """Load ``spec`` onto ``device`` with a KV cache of ``num_slots`` slots of
         ``max_model_len`` tokens, fewer if ``kv_budget_bytes`` holds fewer (see
-        :class:`~ragws.models.slot_runner.SlotRunner`)."""
+        :class:`~ragws.models.slot_runner.SlotRunner`); ``vision_batch`` caps the images per
+        vision-tower call."""
         super().__init__(
-            self.FAMILY(spec, device),
+            self.FAMILY(spec, device, vision_batch),
             num_slots=num_slots,
             max_model_len=max_model_len,
             kv_budget_bytes=kv_budget_bytes,

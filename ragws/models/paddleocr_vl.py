@@ -68,9 +68,9 @@ class PaddleOcrVl(MRopeVlm):
     STOP_TOKENS = STOP_TOKENS
     MARKERS = ("<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>", "<|video_pad|>")
 
-    def __init__(self, spec: str, device: str = "cpu") -> None:
+    def __init__(self, spec: str, device: str = "cpu", vision_batch: int | None = None) -> None:
         """Load ``spec`` (a ``save_pretrained`` directory, or a hub id) onto ``device``."""
-        super().__init__(spec, device)
+        super().__init__(spec, device, vision_batch)
         self.tasks = Tasks(
             ARCHITECTURE,
             modes=(*GENERIC_MODES, *MODES),

@@ -108,9 +108,9 @@ class QwenVl(MRopeVlm):
     STOP_TOKENS = STOP_TOKENS
     MARKERS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
-    def __init__(self, spec: str, device: str = "cpu") -> None:
+    def __init__(self, spec: str, device: str = "cpu", vision_batch: int | None = None) -> None:
         """Load ``spec`` (a ``save_pretrained`` directory, or a hub id) onto ``device``."""
-        super().__init__(spec, device)
+        super().__init__(spec, device, vision_batch)
         self.default_mode = DEFAULT_MODES[self.architecture]
         # MinerU2.5 reads layout regions (element level): each with its type's task.
         self.tasks = Tasks(

@@ -130,6 +130,7 @@ class SlotModel(Protocol):
 
     name: str
     tasks: Tasks  # its modes, and the mode each kind of layout region is read with
+    repetition_penalty: float  # what its generation config has ``generate`` apply (1: none)
     summary: str  # one line for the log: the model, its device and dtype, its image tokens
     tokenizer: Any
     stop_ids: frozenset[int]
@@ -263,6 +264,7 @@ class SlotRunner:
         self.tasks = family.tasks
         self.tokenizer = family.tokenizer
         self.stop_ids = family.stop_ids
+        self.repetition_penalty = family.repetition_penalty
         self.num_layers = family.num_layers
         self.num_kv_heads = family.num_kv_heads
         self.head_dim = family.head_dim
@@ -281,6 +283,9 @@ class SlotRunner:
         self._lengths = [0] * self.num_slots
         # Rotary position minus cache position of each slot's generated tokens (M-RoPE).
         self._rope_deltas = [0] * self.num_slots
+        # (slots, vocab): the tokens each slot's prompt and output hold, for sequences with a
+        # repetition penalty; allocated when the first such sequence runs.
+        self._seen: torch.Tensor | None = None
         log.info(
             "%s; KV cache %d slots × %d tokens = %.1f MiB",
             family.summary,
@@ -487,13 +492,54 @@ class SlotRunner:
 
     def _next_tokens(self, last: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """Each row's next token from the final hidden state of its last position: the argmax,
-        or a draw for a sequence that samples."""
+        or a draw for a sequence that samples; after the repetition penalty of the sequences
+        that have one, as ``generate`` applies it (before temperature, top-k and top-p)."""
         logits = self.family.logits(last)
+        penalized = [i for i, seq in enumerate(seqs) if seq.repetition_penalty != 1.0]
+        if penalized:
+            logits = self._penalize(logits, seqs, penalized)
         tokens = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(seqs):
             if seq.sampling is not None:
                 tokens[i] = sample(logits[i], seq)
+        if penalized:
+            assert self._seen is not None
+            slots = [seqs[i].slot for i in penalized]
+            self._seen[slots, [tokens[i] for i in penalized]] = True
         return tokens
+
+    def _penalize(
+        self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]
+    ) -> torch.Tensor:
+        """HF's ``RepetitionPenaltyLogitsProcessor`` on ``rows``: the logit of every token the
+        sequence's prompt or output holds is divided by the penalty where positive, multiplied
+        where negative (in fp32, as ``generate`` runs its processors)."""
+        if self._seen is None:
+            self._seen = torch.zeros(
+                self.num_slots, logits.shape[-1], dtype=torch.bool, device=logits.device
+            )
+        for i in rows:
+            seq = seqs[i]
+            if not seq.output_ids:  # its first token: the slot learns the prompt's tokens
+                held = self._seen[seq.slot]
+                held.zero_()  # an earlier owner's
+                held[torch.tensor(seq.prompt_ids, device=held.device)] = True
+        logits = logits.float()
+        picked = logits[rows]
+        seen = self._seen[[seqs[i].slot for i in rows]]
+        penalty = torch.tensor([seqs[i].repetition_penalty for i in rows], device=logits.device)[
+            :, None
+        ]
+        penalized = torch.where(picked < 0, picked * penalty, picked / penalty)
+        logits[rows] = torch.where(seen, penalized, picked)
+        return logits
+
+
+def default_repetition_penalty(generation_config: Any) -> float:
+    """The repetition penalty ``generate`` applies to a checkpoint by default: its generation
+    config's (Qwen2.5-VL's instruct checkpoints ship 1.05), 1 for none."""
+    value = getattr(generation_config, "repetition_penalty", None)
+    return float(value) if value else 1.0
 
 
 def sample(logits: torch.Tensor, seq: Sequence) -> int:

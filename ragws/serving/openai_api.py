@@ -19,6 +19,8 @@ What is OpenAI's here and what is ragws's:
 * no URL is ever fetched: images travel inline as ``data:`` URLs;
 * ``temperature`` left out means greedy (the checkpoint's generation config does not sample),
   not OpenAI's 1.0;
+* ``repetition_penalty`` (vLLM's extension) left out is the checkpoint's generation config's,
+  as in ``generate`` and vLLM;
 * the deadline of the ``ocr`` frame's ``deadline_ms`` is the ``X-Deadline-Ms`` header.
 """
 
@@ -59,6 +61,7 @@ IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/webp"})
 MAX_IMAGES = 1
 #: Temperatures below this are greedy (as in vLLM): dividing logits by less overflows.
 MIN_TEMPERATURE = 1e-5
+MAX_REPETITION_PENALTY = 2.0
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 512
 #: Bodies larger than this are parsed (JSON, base64) off the event loop.
@@ -74,6 +77,7 @@ FIELDS = frozenset(
         "top_p",
         "top_k",
         "seed",
+        "repetition_penalty",
         "stop",
         "n",
         "stream",
@@ -149,6 +153,7 @@ def parse_chat(body: Mapping[str, Any], max_image_bytes: int) -> ChatRequest:
             prompt=text,
             system=system,
             sampling=_sampling(body),
+            repetition_penalty=_repetition_penalty(body),
             stop=_stop(body.get("stop")),
             skip_special_tokens=_boolean(body, "skip_special_tokens", True),
             ignore_eos=_boolean(body, "ignore_eos", False),  # vLLM's, for benchmarks
@@ -268,6 +273,15 @@ def _sampling(body: Mapping[str, Any]) -> Sampling | None:
         top_k=max(0, top_k or 0),  # -1 and 0 both mean every token, as in vLLM
         seed=seed,
     )
+
+
+def _repetition_penalty(body: Mapping[str, Any]) -> float | None:
+    """vLLM's extension: > 1 makes tokens already in the prompt or output less likely; left
+    out, the checkpoint's generation config's."""
+    penalty = _number(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY)
+    if penalty == 0.0:
+        raise bad_request("'repetition_penalty' must be in (0, 2], got 0")
+    return penalty
 
 
 def _stop(value: Any) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ class OcrOptions:
     prompt: str | None = None  # the request's own instruction; None: the model's for ``mode``
     system: str | None = None  # a system message; None: the model's own
     sampling: Sampling | None = None  # None: greedy
+    repetition_penalty: float | None = None  # None: the checkpoint's generation config's
     stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
     skip_special_tokens: bool = True
 

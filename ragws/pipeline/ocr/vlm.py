@@ -123,6 +123,7 @@ class OcrService:
             max_tokens=min(options.max_tokens or limit, limit),
             ignore_eos=options.ignore_eos,
             sampling=options.sampling,
+            repetition_penalty=options.repetition_penalty,
             stop=options.stop,
             skip_special_tokens=options.skip_special_tokens,
         )
