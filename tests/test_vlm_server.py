@@ -6,6 +6,8 @@ each region with its type's task: every text equals the model's own ``generate``
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -149,3 +151,94 @@ async def test_parse_reads_each_region_with_its_types_task(
         crop = page[max(0, y0) : y1, max(0, x0) : x1]
         expected = reference(crop, MODES["table"].instruction).strip()
         assert any(t["text"] == expected for t in tables), (expected, [t["text"] for t in tables])
+
+
+# --- each family behind the server: cancel and socket close ------------------------------------
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "paddleocr_vl")
+
+
+def solo_default_task(model_dir: Path) -> Callable[[np.ndarray, int], str]:
+    """``generate(do_sample=False)`` alone on one image with the checkpoint's default task,
+    as its card writes the chat (PaddleOCR-VL: no system turn, the image first)."""
+    import json
+
+    import transformers
+    from transformers import AutoProcessor
+
+    from ragws.models import paddleocr_vl, qwen2_vl
+
+    architecture = json.loads((model_dir / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, architecture).from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tok = processor.tokenizer
+    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "</s>")]
+
+    def run(rgb: np.ndarray, max_tokens: int) -> str:
+        image = {"type": "image", "image": Image.fromarray(rgb)}
+        if architecture in qwen2_vl.DEFAULT_MODES:
+            task = qwen2_vl.MODES[qwen2_vl.DEFAULT_MODES[architecture]]
+            content = [image, {"type": "text", "text": task.instruction}]
+            if task.text_first:
+                content.reverse()
+            messages = [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": content},
+            ]
+        else:
+            instruction = paddleocr_vl.MODES[paddleocr_vl.DEFAULT_MODE]
+            messages = [{"role": "user", "content": [image, {"type": "text", "text": instruction}]}]
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=max_tokens,
+                eos_token_id=[i for i in stop if i is not None and i != tok.unk_token_id],
+                pad_token_id=tok.pad_token_id,
+            )
+        return tok.decode(out[0, inputs["input_ids"].shape[1] :].tolist(), skip_special_tokens=True)
+
+    return run
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+async def test_cancel_and_socket_close_free_each_familys_slots(
+    arch, request, start_server, connect
+):
+    """A cancel, then a closed socket, end a client's running sequences of each family: their
+    KV slots come back, and another client's request beside them still reads exactly what the
+    model says alone."""
+    from ragws.testing.got_tiny import synthetic_images
+
+    from .test_ocr_server import wait_metric
+
+    model_dir = request.getfixturevalue(f"{arch}_tiny_dir")
+    # Room for thousands of tokens: the leaver's sequences outlast the test's steps.
+    server = await vlm_server(start_server, model_dir, ocr_max_tokens=4000, max_model_len=4096)
+    images = [np.asarray(image) for image in synthetic_images(3, seed=11)]
+    leaver, _ = await connect(server)
+    stayer, _ = await connect(server)
+    for rid, image in ((1, images[0]), (2, images[1])):
+        await leaver.send(
+            {"type": "ocr", "id": rid, "image": png(image), "max_tokens": 4000, "ignore_eos": True}
+        )
+    await stayer.send({"type": "ocr", "id": 9, "image": png(images[2]), "max_tokens": 20})
+    await leaver.until(1, "token")
+    await leaver.until(2, "token")
+    used = await server.metric("ragws_kv_slots_used")
+    assert used >= 2, f"{used} KV slots in use with both of the leaver's sequences running"
+    await leaver.send({"type": "cancel", "id": 1})
+    assert (await leaver.until(1, "done"))["finish_reason"] == "cancelled"
+    await leaver.until(2, "token")  # still running
+    await leaver.ws.close()
+    done = await stayer.until(9, "done")
+    await wait_metric(server, "ragws_kv_slots_used", 0)
+    await wait_metric(server, "ragws_ocr_running", 0)
+    cancelled = {"type": "ocr", "outcome": "cancelled"}
+    assert await server.metric("ragws_requests_total", cancelled) == 2
+    assert done["type"] == "done", done
+    assert done["text"] == solo_default_task(model_dir)(images[2], 20), done
