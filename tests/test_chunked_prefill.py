@@ -28,24 +28,16 @@ if not hasattr(transformers, "GotOcr2ForConditionalGeneration") or not hasattr(
 from PIL import Image  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
-from ragws.engine.kv_slots import SlotAllocator  # noqa: E402
-from ragws.engine.scheduler import Scheduler  # noqa: E402
-from ragws.engine.sequence import FinishReason, SeqStatus, Sequence  # noqa: E402
+from ragws.engine.sequence import FinishReason, SeqStatus  # noqa: E402
 from ragws.models import load_ocr_runner  # noqa: E402
 from ragws.models.qwen2_vl import MODES, SYSTEM_PROMPT  # noqa: E402
 from ragws.models.slot_runner import SlotRunner  # noqa: E402
 from ragws.testing.got_tiny import synthetic_images  # noqa: E402
 
+from .engine_loop import Request, Run  # noqa: E402
+from .engine_loop import drive as _drive  # noqa: E402
+
 NUM_SLOTS = 4
-
-
-@dataclass
-class Request:
-    image: np.ndarray
-    mode: str
-    max_tokens: int
-    arrive: int = 0  # the engine step before which it reaches the scheduler
-    crop: bool = False
 
 
 @dataclass
@@ -59,21 +51,6 @@ class Family:
     short: Callable[[int, int], Request]  # (image index, max_tokens)
     long: Callable[[int, int], Request]
     encoded: list[Any] = field(default_factory=list)  # the prepared requests encoded, in order
-
-
-@dataclass
-class StepLog:
-    chunks: list[tuple[int, int, int]]  # (seq_id, start, end) per prompt chunk
-    slots: list[int]  # the slot of each chunk's sequence
-    decode: list[int]  # seq_id per decoding sequence
-    encoded: list[int]  # seq_id of each sequence whose images the step encoded
-
-
-@dataclass
-class Run:
-    seqs: list[Sequence]
-    scheduler: Scheduler
-    steps: list[StepLog] = field(default_factory=list)
 
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -193,47 +170,17 @@ def drive(
     aborts: dict[int, list[int]] | None = None,
     on_step: Callable[[int, Run], None] | None = None,
 ) -> Run:
-    """The engine loop, synchronously: arrivals and aborts, schedule, step, postprocess."""
-    runner = fam.runner
-    slots = SlotAllocator(NUM_SLOTS, runner.max_model_len)
-    scheduler = Scheduler(slots, max_prefill_tokens=budget)
-    run = Run(seqs=[], scheduler=scheduler)
-    owner: dict[int, int] = {}  # id of a prepared request -> its seq_id
-    for i, req in enumerate(requests):
-        prepared = runner.prepare(req.image, mode=req.mode, crop=req.crop)
-        owner[id(prepared)] = i
-        seq = Sequence(i, prepared.prompt_ids, prepared, req.max_tokens, runner.stop_ids, _ignore)
-        run.seqs.append(seq)
-    aborts = aborts or {}
-    step = 0
-    while step <= max(r.arrive for r in requests) or scheduler.has_work():
-        for seq, req in zip(run.seqs, requests, strict=True):
-            if req.arrive == step:
-                scheduler.add(seq)
-        for seq_id in aborts.get(step, []):
-            scheduler.abort(seq_id)
-        scheduled = scheduler.schedule()
-        if scheduled:
-            log = StepLog(
-                chunks=[(s.seq_id, *s.prefill_span) for s in scheduled.prefill],
-                slots=[s.slot for s in scheduled.prefill],  # type: ignore[misc]
-                decode=[s.seq_id for s in scheduled.decode],
-                encoded=[],
-            )
-            before = len(fam.encoded)
-            tokens = runner.step(scheduled.prefill, scheduled.decode)
-            scheduler.postprocess(scheduled, tokens)
-            log.encoded = [owner[id(p)] for p in fam.encoded[before:]]
-            run.steps.append(log)
-        if on_step is not None:
-            on_step(step, run)
-        step += 1
-        assert step < 300, "the engine loop does not end"
-    return run
-
-
-def _ignore(event: Any) -> None:
-    pass
+    """The shared loop over the family's runner, with ``budget`` prompt tokens a step."""
+    return _drive(
+        fam.runner,
+        requests,
+        num_slots=NUM_SLOTS,
+        max_prefill_tokens=budget,
+        aborts=aborts,
+        on_step=on_step,
+        encoded=fam.encoded,
+        max_steps=300,
+    )
 
 
 def _image_span(fam: Family, req: Request) -> tuple[int, int, int]:
@@ -289,7 +236,7 @@ def test_a_long_prompt_is_chunked_while_others_decode(family: Family) -> None:
     ]
     assert len(chunks) >= 3
     for i, _ in chunks:  # the running streams decode through the whole prefill
-        assert run.steps[i].decode == [0, 1]
+        assert run.steps[i].decoding == [0, 1]
     # Encoded once, by the first chunk that holds an image placeholder (not before), and the
     # features gone with the prefill.
     encoded_at = [i for i, step in enumerate(run.steps) if 2 in step.encoded]
@@ -324,7 +271,7 @@ def test_several_chunked_prompts_at_once(family: Family) -> None:
     assert sorted(i for step in run.steps for i in step.encoded) == [0, 1, 2, 3]
     # The decoding stream got a token at every step until it ended.
     ended = len(run.seqs[0].output_ids)
-    assert all(0 in step.decode for step in run.steps[1:ended])
+    assert all(0 in step.decoding for step in run.steps[1:ended])
 
 
 def test_abort_mid_prefill_frees_the_slot_and_the_features(family: Family) -> None:
@@ -352,7 +299,9 @@ def test_abort_mid_prefill_frees_the_slot_and_the_features(family: Family) -> No
     assert aborted.slot is None and aborted.features is None and aborted.image is None
     # The waiting request took the aborted one's slot at the very next step.
     step = run.steps[encoding + 1]
-    assert step.chunks == [(1, 0, other.num_prompt_tokens)] and step.slots == [seen["slot"]]
+    assert step.chunks == [(1, 0, other.num_prompt_tokens)] and [
+        slot for slot, _ in step.prefill
+    ] == [seen["slot"]]
     assert other.output_ids == family.generate(waiting)
     assert run.scheduler.slots.used == 0
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,6 @@ if not hasattr(transformers, "GotOcr2ForConditionalGeneration"):
 
 from transformers import AutoProcessor, GotOcr2ForConditionalGeneration  # noqa: E402
 
-from ragws.engine.kv_slots import SlotAllocator  # noqa: E402
-from ragws.engine.scheduler import Scheduler  # noqa: E402
 from ragws.engine.sequence import FinishReason, SeqStatus, Sequence  # noqa: E402
 from ragws.models.got_ocr2 import (  # noqa: E402
     HF_REPO,
@@ -36,28 +33,15 @@ from ragws.models.got_ocr2 import (  # noqa: E402
 )
 from ragws.testing.got_tiny import build_tiny_got_ocr2, synthetic_images  # noqa: E402
 
+from .engine_loop import Request, ignore  # noqa: E402
+from .engine_loop import drive as _drive  # noqa: E402
+
 MAX_MODEL_LEN = 1536  # a 4-tile crop prompt is ~1070 tokens with the tiny model's 256 per tile
 
 
-@dataclass
-class Request:
-    image: np.ndarray
-    mode: str
-    max_tokens: int
-    arrive: int = 0  # the engine step before which it reaches the scheduler
-    crop: bool = False
-
-
-@dataclass
-class StepLog:
-    prefill: list[tuple[int, int]]  # (slot, prompt length) per admitted sequence
-    decode: list[tuple[int, int]]  # (slot, position of the token fed) per decoding sequence
-
-
-@dataclass
-class Run:
-    seqs: list[Sequence]
-    steps: list[StepLog] = field(default_factory=list)
+def drive(runner: GotOcr2Runner, requests: list[Request], **options: Any) -> Any:
+    """The shared loop with this file's step budget (a page's tiles fit one step)."""
+    return _drive(runner, requests, **{"max_prefill_tokens": 2048, **options})
 
 
 def _images(n: int, seed: int) -> list[np.ndarray]:
@@ -105,50 +89,6 @@ def reference(model_dir: Path, runner: GotOcr2Runner) -> Callable[[Request], lis
         return out[0, inputs["input_ids"].shape[1] :].tolist()
 
     return generate
-
-
-def drive(
-    runner: GotOcr2Runner,
-    requests: list[Request],
-    *,
-    num_slots: int,
-    max_prefill_tokens: int = 2048,
-    aborts: dict[int, list[int]] | None = None,
-) -> Run:
-    """The engine loop, synchronously: arrivals and aborts, schedule, step, postprocess."""
-    scheduler = Scheduler(
-        SlotAllocator(num_slots, runner.max_model_len), max_prefill_tokens=max_prefill_tokens
-    )
-    run = Run(seqs=[])
-    for i, request in enumerate(requests):
-        prompt = runner.prepare(request.image, mode=request.mode, crop=request.crop)
-        seq = Sequence(i, prompt.prompt_ids, prompt, request.max_tokens, runner.stop_ids, _ignore)
-        run.seqs.append(seq)
-    aborts = aborts or {}
-    step = 0
-    while step <= max(r.arrive for r in requests) or scheduler.has_work():
-        for seq, request in zip(run.seqs, requests, strict=True):
-            if request.arrive == step:
-                scheduler.add(seq)
-        for seq_id in aborts.get(step, []):
-            scheduler.abort(seq_id)
-        scheduled = scheduler.schedule()
-        if scheduled:
-            run.steps.append(
-                StepLog(
-                    prefill=[(s.slot, s.num_prompt_tokens) for s in scheduled.prefill],
-                    decode=[(s.slot, s.num_tokens - 1) for s in scheduled.decode],
-                )
-            )
-            tokens = runner.step(scheduled.prefill, scheduled.decode)
-            scheduler.postprocess(scheduled, tokens)
-        step += 1
-        assert step < 500, "the engine loop does not end"
-    return run
-
-
-def _ignore(event: Any) -> None:
-    pass
 
 
 def test_staggered_requests_match_solo_generate(
@@ -233,16 +173,16 @@ def test_decode_over_a_sparse_slot_view(
     written = [0] * 3  # high-water mark of positions ever written, per slot
     sparse = prefilled_below = stale_in_view = False
     for step in run.steps:
-        decode_slots = [slot for slot, _ in step.decode]
+        decoded = list(zip(step.decode, step.positions, strict=True))  # (slot, position)
         for slot, length in step.prefill:
             written[slot] = max(written[slot], length)
-        if not step.decode:
+        if not decoded:
             continue
-        rows, span = 1 + max(decode_slots), 1 + max(pos for _, pos in step.decode)
-        sparse |= rows > len(step.decode)
+        rows, span = 1 + max(step.decode), 1 + max(step.positions)
+        sparse |= rows > len(decoded)
         prefilled_below |= any(slot < rows for slot, _ in step.prefill)
-        stale_in_view |= any(written[slot] > pos + 1 < span for slot, pos in step.decode)
-        for slot, pos in step.decode:
+        stale_in_view |= any(written[slot] > pos + 1 < span for slot, pos in decoded)
+        for slot, pos in decoded:
             written[slot] = max(written[slot], pos + 1)
     assert sparse and prefilled_below and stale_in_view
 
@@ -254,7 +194,7 @@ def test_idle_rows_never_write_the_cache(runner: GotOcr2Runner) -> None:
     first, second = (runner.prepare(image, mode="plain") for image in images)
 
     def seq(seq_id: int, prompt: Any, slot: int) -> Sequence:
-        out = Sequence(seq_id, prompt.prompt_ids, prompt, 8, runner.stop_ids, _ignore)
+        out = Sequence(seq_id, prompt.prompt_ids, prompt, 8, runner.stop_ids, ignore)
         out.slot = slot
         return out
 

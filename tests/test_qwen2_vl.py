@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,7 @@ if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
 from PIL import Image  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
-from ragws.engine.kv_slots import SlotAllocator  # noqa: E402
-from ragws.engine.scheduler import Scheduler  # noqa: E402
-from ragws.engine.sequence import FinishReason, Sampling, SeqStatus, Sequence  # noqa: E402
+from ragws.engine.sequence import FinishReason, Sampling, SeqStatus  # noqa: E402
 from ragws.models import load_ocr_runner  # noqa: E402
 from ragws.models.qwen2_vl import (  # noqa: E402
     DEFAULT_MODES,
@@ -39,31 +37,10 @@ from ragws.models.qwen2_vl import (  # noqa: E402
 )
 from ragws.testing.got_tiny import synthetic_images  # noqa: E402
 
+from .engine_loop import Request, drive  # noqa: E402
+
 MAX_MODEL_LEN = 512  # the page prompt is ~200 tokens with up to 36 image tokens
 ARCHS = ("qwen2_vl", "qwen2_5_vl")
-
-
-@dataclass
-class Request:
-    image: np.ndarray
-    mode: str
-    max_tokens: int
-    arrive: int = 0  # the engine step before which it reaches the scheduler
-    prompt: str | None = None
-    sampling: Sampling | None = None
-    repetition_penalty: float = 1.0
-
-
-@dataclass
-class StepLog:
-    prefill: list[tuple[int, int]]  # (slot, prompt length) per admitted sequence
-    decode: list[int]  # slot per decoding sequence
-
-
-@dataclass
-class Run:
-    seqs: list[Sequence]
-    steps: list[StepLog] = field(default_factory=list)
 
 
 @dataclass
@@ -126,59 +103,6 @@ def case(request: pytest.FixtureRequest) -> Case:
         return prompt, out[0, len(prompt) :].tolist()
 
     return Case(arch, model_dir, runner, generate)
-
-
-def drive(
-    runner: QwenVlRunner,
-    requests: list[Request],
-    *,
-    num_slots: int,
-    max_prefill_tokens: int = 1024,
-    aborts: dict[int, list[int]] | None = None,
-) -> Run:
-    """The engine loop, synchronously: arrivals and aborts, schedule, step, postprocess."""
-    scheduler = Scheduler(
-        SlotAllocator(num_slots, runner.max_model_len), max_prefill_tokens=max_prefill_tokens
-    )
-    run = Run(seqs=[])
-    for i, req in enumerate(requests):
-        prepared = runner.prepare(req.image, mode=req.mode, prompt=req.prompt)
-        seq = Sequence(
-            i,
-            prepared.prompt_ids,
-            prepared,
-            req.max_tokens,
-            runner.stop_ids,
-            _ignore,
-            sampling=req.sampling,
-            repetition_penalty=req.repetition_penalty,
-        )
-        run.seqs.append(seq)
-    aborts = aborts or {}
-    step = 0
-    while step <= max(r.arrive for r in requests) or scheduler.has_work():
-        for seq, req in zip(run.seqs, requests, strict=True):
-            if req.arrive == step:
-                scheduler.add(seq)
-        for seq_id in aborts.get(step, []):
-            scheduler.abort(seq_id)
-        scheduled = scheduler.schedule()
-        if scheduled:
-            run.steps.append(
-                StepLog(
-                    prefill=[(s.slot, s.num_prompt_tokens) for s in scheduled.prefill],
-                    decode=[s.slot for s in scheduled.decode],
-                )
-            )
-            tokens = runner.step(scheduled.prefill, scheduled.decode)
-            scheduler.postprocess(scheduled, tokens)
-        step += 1
-        assert step < 300, "the engine loop does not end"
-    return run
-
-
-def _ignore(event: Any) -> None:
-    pass
 
 
 def _runs_full(output: list[int], max_tokens: int, stops: frozenset[int]) -> bool:
