@@ -289,6 +289,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             ocr_modes=ocr.modes if ocr else (),
             ocr_markup=ocr.markup if ocr else False,
             ocr_architecture=ocr.architecture if ocr else None,
+            ocr_page_mode=ocr.page_mode if ocr else None,
         ),
         limits=protocol.Limits(max_render_scale=settings.max_render_scale),
         receive=ReceiveBudget(settings.max_receive_buffer_mb * 2**20),

@@ -98,6 +98,7 @@ async def test_hello_and_layout(start_server, paper_pdf):
     assert hello.version == 1
     assert hello.models == {"layout": "embedded", "ocr": "embedded"}
     assert hello.ocr_modes == ("format", "plain") and hello.ocr_markup is False
+    assert hello.ocr_architecture == "PP-OCR" and hello.ocr_page_mode is None
     assert hello.limits["max_pages"] == 50
     assert (layout.width, layout.height) == Image.open(io.BytesIO(png)).size
     assert "title" in layout.classes and layout.classes.count("text") >= 3

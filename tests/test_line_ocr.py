@@ -88,6 +88,7 @@ async def test_ws_ocr_streams_lines_with_boxes(start_server, connect, table_png)
         "modes": ["format", "plain"],
         "markup": False,
         "architecture": "PP-OCR",
+        "page_mode": None,
     }
     await client.send({"type": "ocr", "id": "t", "image": table_png})
     tokens, done = await read(client, "t")

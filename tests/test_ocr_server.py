@@ -311,6 +311,7 @@ async def test_parse_sends_regions_through_the_engine(
         "modes": ["format", "plain"],
         "markup": True,
         "architecture": "GotOcr2ForConditionalGeneration",
+        "page_mode": None,
     }
     page = Image.fromarray(render_rgb(paper_pdf, TABLES_PAGE, scale=2.0))
 

@@ -242,3 +242,51 @@ async def test_cancel_and_socket_close_free_each_familys_slots(
     assert await server.metric("ragws_requests_total", cancelled) == 2
     assert done["type"] == "done", done
     assert done["text"] == solo_default_task(model_dir)(images[2], 20), done
+
+
+async def test_a_page_level_model_reads_a_scan_whole(
+    start_server, connect, qwen2_5_vl_tiny_dir, paper_pdf, monkeypatch
+):
+    """Qwen2.5-VL (olmOCR-2's architecture) is page-level: a page without a text layer is one
+    sequence, the whole page with the page task, and its blocks are that answer's markdown; a
+    born-digital page keeps its text layer."""
+    from ragws.pipeline.markdown import page_markdown
+    from ragws.pipeline.vlm_pages import page_blocks
+    from ragws.serving.services import SERVICES
+    from ragws.testing.got_tiny import synthetic_images
+
+    server = await vlm_server(start_server, qwen2_5_vl_tiny_dir)
+    ocr = server.app[SERVICES].ocr
+    calls: list[tuple[np.ndarray, str, tuple[float, float, float, float] | None]] = []
+    generate = ocr.generate
+
+    def spy(image, options):
+        calls.append((image, options.mode, options.box))
+        return generate(image, options)
+
+    monkeypatch.setattr(ocr, "generate", spy)
+    client, hello = await connect(server)
+    assert hello["ocr"]["page_mode"] == "page"
+    scan = np.asarray(synthetic_images(1, seed=21)[0])
+    await client.send({"type": "parse", "id": "s", "image": png(scan)})
+    frames = (await client.finish("s"))["s"]
+    assert frames[-1]["type"] == "done", frames[-1]
+    (image, mode, box), *others = calls
+    assert not others and mode == "page"
+    height, width = image.shape[:2]
+    assert box == (0.0, 0.0, float(width), float(height))
+    answer = solo_default_task(qwen2_5_vl_tiny_dir)(image, MAX_TOKENS)
+    expected = page_blocks(answer, 0, width, height)
+    assert expected, f"the model said nothing on this page: {answer!r}"
+    page = frames[0]
+    assert page["markdown"] == page_markdown(expected)
+    assert [b["type"] for b in page["blocks"]] == [b.type for b in expected]
+    assert all(b["source"] == "ocr" for b in page["blocks"])
+
+    calls.clear()
+    await client.send({"type": "parse", "id": "d", "pdf": paper_pdf, "pages": [0]})
+    frames = (await client.finish("d"))["d"]
+    assert frames[-1]["type"] == "done", frames[-1]
+    assert frames[0]["source"] in ("pdf", "mixed")
+    # Regions without a text layer, if any, are read with the page task, never the page whole.
+    assert all(mode == "page" and box is not None for _, mode, box in calls)

@@ -57,6 +57,8 @@ class Hello:
     ocr_modes: tuple[str, ...]  # the ``mode`` values ``ocr`` accepts; empty without OCR
     ocr_markup: bool  # whether mode "format" yields markup (GOT-OCR2) or plain text
     limits: dict[str, Any]  # max_pages, max_pdf_bytes, max_frame_bytes, ...
+    ocr_architecture: str | None = None  # the OCR model's architecture; None without OCR
+    ocr_page_mode: str | None = None  # a page-level model's mode for a whole page
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Hello:
@@ -67,6 +69,8 @@ class Hello:
             ocr_modes=tuple(ocr.get("modes") or ()),
             ocr_markup=bool(ocr.get("markup", False)),
             limits=dict(frame.get("limits") or {}),
+            ocr_architecture=ocr.get("architecture"),
+            ocr_page_mode=ocr.get("page_mode"),
         )
 
 

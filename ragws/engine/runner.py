@@ -30,15 +30,19 @@ class Prepared(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Tasks:
-    """What a model can be asked to do: the ``mode`` values a request may name, and the mode
-    each kind of layout region is read with in ``parse`` (an element-level model reads a table
-    with its table task, a formula with its formula task)."""
+    """What a model can be asked to do: the ``mode`` values a request may name, and how
+    ``parse`` reads with it: an element-level model each layout region with its kind's task (a
+    table with its table task, a formula with its formula task), a page-level model a page
+    without a text layer whole."""
 
     architecture: str  # the checkpoint's ``architectures`` entry
     modes: tuple[str, ...]
     regions: Mapping[str, str] = field(default_factory=dict)  # region kind → mode
     default: str = "plain"  # the mode of every other region
     markup: bool = True  # tables and formulas come back as markup (HTML/markdown, LaTeX)
+    # A page-level model's mode for a whole page: parse sends it pages without a text layer
+    # whole, not their regions. None: an element-level model.
+    page: str | None = None
 
     def mode_for(self, kind: str) -> str:
         return self.regions.get(kind, self.default)

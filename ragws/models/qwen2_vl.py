@@ -112,13 +112,21 @@ class QwenVl(MRopeVlm):
         """Load ``spec`` (a ``save_pretrained`` directory, or a hub id) onto ``device``."""
         super().__init__(spec, device, vision_batch)
         self.default_mode = DEFAULT_MODES[self.architecture]
-        # MinerU2.5 reads layout regions (element level): each with its type's task.
-        self.tasks = Tasks(
-            self.architecture,
-            modes=(*GENERIC_MODES, *MODES),
-            regions={"table": "table", "equation": "formula"},
-            default="text",
-        )
+        if self.default_mode == "page":
+            # olmOCR-2, Nanonets-OCR2, RolmOCR read whole pages (page level): parse sends
+            # them pages, and a region it must read (one without a text layer on a
+            # born-digital page) with the page task too.
+            self.tasks = Tasks(
+                self.architecture, modes=(*GENERIC_MODES, *MODES), default="page", page="page"
+            )
+        else:
+            # MinerU2.5 reads layout regions (element level): each with its type's task.
+            self.tasks = Tasks(
+                self.architecture,
+                modes=(*GENERIC_MODES, *MODES),
+                regions={"table": "table", "equation": "formula"},
+                default="text",
+            )
         self.summary = self.describe(self.default_mode)
 
     def prepare(

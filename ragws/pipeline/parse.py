@@ -12,8 +12,10 @@ pages per document:
 
    * ``pdf`` — the page's own text layer;
    * ``ocr`` — the OCR backend: the embedded line OCR reads every line of the page (detection
-     once per page, recognition batched across clients); GOT-OCR2 reads each region (tables
-     and equations in ``format`` mode, so they come back as markup).
+     once per page, recognition batched across clients); an element-level VLM (GOT-OCR2,
+     MinerU2.5, PaddleOCR-VL) reads each region with its kind's task (tables and equations
+     come back as markup); a page-level VLM (olmOCR-2, Nanonets-OCR2, RolmOCR) reads the page
+     whole, and its markdown becomes the page's blocks (:mod:`ragws.pipeline.vlm_pages`);
 
    ``text="auto"`` takes the text layer where the page has one, OCRs regions that have no text
    in it (a figure of text, a region drawn as paths), and OCRs pages without a text layer;
@@ -70,6 +72,7 @@ from ragws.pipeline.structure import (
     ruled_tables,
 )
 from ragws.pipeline.textlayer import Line, Shapes, ocr_line
+from ragws.pipeline.vlm_pages import page_blocks, strip_front_matter
 from ragws.runtime.tasks import in_pool
 from ragws.runtime.window import windowed
 
@@ -250,6 +253,8 @@ class ParseService:
             if angle:
                 rgb = await in_pool(self._pool, rotate, rgb, angle)
         height, width = rgb.shape[:2]
+        if scan and self.ocr is not None and self.ocr.page_mode is not None:
+            return await self._read_whole_page(rgb, page, options, started)
         layout = await self.layout.detect_array(rgb, page, started)
         layout_ms = (time.monotonic() - started) * 1000
         det = layout.detections
@@ -299,6 +304,29 @@ class ParseService:
             total_ms=(time.monotonic() - started) * 1000,
         )
 
+    async def _read_whole_page(
+        self, rgb: np.ndarray, page: int, options: ParseOptions, started: float
+    ) -> ParsedPage:
+        """A page without a text layer, read whole by a page-level model: its markdown, as
+        blocks (:mod:`ragws.pipeline.vlm_pages`). No layout: the model finds the structure."""
+        assert self.ocr is not None and self.ocr.page_mode is not None
+        height, width = rgb.shape[:2]
+        whole = (0.0, 0.0, float(width), float(height))
+        (markdown,) = await self.ocr.read_regions(rgb, [whole], [self.ocr.page_mode])
+        blocks = page_blocks(markdown, page, width, height)
+        if options.figures:
+            await self._attach_figures(rgb, blocks)
+        self.metrics.parse_pages_total.labels("ocr" if blocks else "none").inc()
+        return ParsedPage(
+            page=page,
+            width=width,
+            height=height,
+            blocks=blocks,
+            markdown=page_markdown(blocks, include_furniture=options.furniture),
+            source="ocr" if blocks else "none",
+            total_ms=(time.monotonic() - started) * 1000,
+        )
+
     async def _ocr_page(
         self, rgb: np.ndarray, regions: list[Region]
     ) -> tuple[list[Line], dict[int, str]]:
@@ -333,6 +361,8 @@ class ParseService:
         # (HTML or markdown) and a formula as LaTeX; GOT-OCR2 with format for both.
         modes = [self.ocr.mode_for(regions[i].kind) for i in wanted]
         texts = await self.ocr.read_regions(rgb, [regions[i].bbox for i in wanted], modes)
+        if self.ocr.page_mode is not None:  # a page task's answer: its front matter goes
+            texts = [strip_front_matter(text)[0] for text in texts]
         return {i: text.strip() for i, text in zip(wanted, texts, strict=True) if text.strip()}
 
     async def _tables(

@@ -147,6 +147,7 @@ async def health(request: web.Request) -> web.Response:
             "model": services.ocr.name,
             "architecture": services.ocr.architecture,
             "modes": list(services.ocr.modes),
+            "page_mode": services.ocr.page_mode,
             "healthy": services.ocr.healthy,
         }
         if isinstance(services.ocr, OcrService):

@@ -44,10 +44,13 @@ def hello_frame(
     ocr_modes: tuple[str, ...] = (),
     ocr_markup: bool = False,
     ocr_architecture: str | None = None,
+    ocr_page_mode: str | None = None,
 ) -> Frame:
     """``ocr.modes``: the ``mode`` values the OCR backend takes; ``ocr.markup``: whether
     ``"format"`` yields markup (the VLMs) or the same plain text (line OCR);
-    ``ocr.architecture``: the model's architecture (null without an OCR model)."""
+    ``ocr.architecture``: the model's architecture (null without an OCR model);
+    ``ocr.page_mode``: a page-level model's mode for a whole page, which ``parse`` reads pages
+    without a text layer with (null: the model reads regions, or lines)."""
     return {
         "type": "hello",
         "version": PROTOCOL_VERSION,
@@ -57,6 +60,7 @@ def hello_frame(
             "modes": list(ocr_modes),
             "markup": ocr_markup,
             "architecture": ocr_architecture,
+            "page_mode": ocr_page_mode,
         },
         "limits": dict(limits),
     }

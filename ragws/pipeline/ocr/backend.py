@@ -49,6 +49,7 @@ class OcrBackend(Protocol):
     modes: tuple[str, ...]  # accepted ``mode`` values
     markup: bool  # whether ``mode="format"`` yields markup (LaTeX, markdown tables)
     architecture: str  # the model's architecture (a checkpoint's ``architectures`` entry)
+    page_mode: str | None  # a page-level model's mode for a whole page; None: it reads regions
 
     @property
     def name(self) -> str: ...

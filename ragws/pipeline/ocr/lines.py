@@ -53,6 +53,7 @@ class LineOcrService:
     modes: tuple[str, ...] = ("format", "plain")
     markup = False
     architecture = "PP-OCR"  # detection, line orientation and recognition models
+    page_mode = None  # it finds and reads a page's lines itself
 
     def __init__(
         self,

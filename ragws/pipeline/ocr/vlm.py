@@ -73,6 +73,10 @@ class OcrService:
     def architecture(self) -> str:
         return self.engine.tasks.architecture
 
+    @property
+    def page_mode(self) -> str | None:
+        return self.engine.tasks.page
+
     def mode_for(self, kind: str) -> str:
         return self.engine.tasks.mode_for(kind)
 
