@@ -26,6 +26,7 @@ class Request:
     prompt: str | None = None
     sampling: Sampling | None = None
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
 
 @dataclass
@@ -76,6 +77,7 @@ def drive(
             ignore,
             sampling=req.sampling,
             repetition_penalty=req.repetition_penalty,
+            no_repeat_ngram_size=req.no_repeat_ngram_size,
         )
         run.seqs.append(seq)
     aborts = aborts or {}

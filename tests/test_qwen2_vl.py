@@ -214,6 +214,39 @@ def test_repetition_penalty_is_applied_as_generate_does(case: Case, tmp_path: Pa
     assert runner.repetition_penalty == 1.05 and case.runner.repetition_penalty == 1.0
 
 
+def test_no_repeat_ngram_size_is_applied_as_generate_does(case: Case) -> None:
+    """HF's no_repeat_ngram_size (MinerU's client asks 100 of vLLM) per request, beside
+    requests without it and with a repetition penalty: each output equals ``generate`` with
+    the same settings, and the guard changes what a looping random model says."""
+    images = _images(4, seed=8)
+    requests = [
+        Request(images[0], "text", 16, arrive=0, no_repeat_ngram_size=1),  # no token twice
+        Request(images[1], "text", 16, arrive=0),
+        Request(images[2], "text", 16, arrive=0, no_repeat_ngram_size=2),
+        Request(images[2], "table", 12, arrive=1, no_repeat_ngram_size=3),
+        Request(images[3], "text", 16, arrive=2, no_repeat_ngram_size=2, repetition_penalty=1.2),
+    ]
+    run = drive(case.runner, requests, num_slots=3)
+    changed = 0
+    for seq, req in zip(run.seqs, requests, strict=True):
+        options = {
+            "no_repeat_ngram_size": req.no_repeat_ngram_size,
+            "repetition_penalty": req.repetition_penalty,
+        }
+        assert seq.output_ids == case.generate(req, **options)[1], seq.seq_id
+        changed += seq.output_ids != case.generate(req)[1][: len(seq.output_ids)]
+        n = req.no_repeat_ngram_size
+        if n:
+            # No n-gram that ends in the output occurred before it (the prompt may repeat
+            # itself: its image placeholders do).
+            ids = seq.prompt_ids + seq.output_ids
+            for end in range(len(seq.prompt_ids) + 1, len(ids) + 1):
+                gram = ids[end - n : end]
+                earlier = [ids[i : i + n] for i in range(end - n)]
+                assert gram not in earlier, (seq.seq_id, end)
+    assert changed >= 1, "the guard changed no output: the test shows nothing"
+
+
 def test_abort_frees_the_slot_before_the_next_step(case: Case) -> None:
     """Aborting a running sequence between steps frees its slot for the next step's
     schedule; the other outputs still equal their solo ``generate``."""

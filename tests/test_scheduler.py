@@ -183,6 +183,7 @@ class FakeRunner:
     name = "fake"
     stop_ids = frozenset({EOS})
     repetition_penalty = 1.0
+    no_repeat_ngram_size = 0
     num_slots = 4
     max_model_len = 512
 

@@ -178,6 +178,11 @@ class OcrEngine:
                 if params.repetition_penalty is None
                 else params.repetition_penalty
             ),
+            no_repeat_ngram_size=(
+                self.runner.no_repeat_ngram_size
+                if params.no_repeat_ngram_size is None
+                else params.no_repeat_ngram_size
+            ),
             stop=params.stop,
             skip_special_tokens=params.skip_special_tokens,
             on_start=on_start,

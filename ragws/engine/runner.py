@@ -56,6 +56,7 @@ class StepRunner(Protocol):
     tokenizer: Any  # decodes the generated ids (``decode(ids, skip_special_tokens=...)``)
     stop_ids: frozenset[int]  # tokens that end a sequence (unless it ignores them)
     repetition_penalty: float  # the checkpoint's generation config's (1: none)
+    no_repeat_ngram_size: int  # the checkpoint's generation config's (0: none)
     num_slots: int  # sequences that can run at once: one KV slot each
     max_model_len: int  # tokens (prompt and output) one slot holds
 

@@ -77,10 +77,15 @@ class GenerationParams:
     # > 1 makes every token already in the prompt or the output less likely (HF's and vLLM's
     # repetition penalty); None: the checkpoint's generation config's.
     repetition_penalty: float | None = None
+    # n > 0: no n-gram of the prompt and output occurs twice (HF's no_repeat_ngram_size,
+    # MinerU's guard against loops); None: the checkpoint's generation config's.
+    no_repeat_ngram_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
 
 
 @dataclass(slots=True, eq=False)
@@ -94,6 +99,7 @@ class Sequence:
     ignore_eos: bool = False
     sampling: Sampling | None = None  # None: greedy
     repetition_penalty: float = 1.0  # 1: none (GenerationParams' resolved by the engine)
+    no_repeat_ngram_size: int = 0  # 0: none (GenerationParams' resolved by the engine)
     stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
     skip_special_tokens: bool = True  # leave special tokens out of the text
     status: SeqStatus = SeqStatus.WAITING
@@ -105,6 +111,9 @@ class Sequence:
     first_token_at: float | None = None
     detok: IncrementalDetokenizer | None = None  # set by the engine on submit
     rng: Any = None  # the runner's random generator, when sampling
+    # With no_repeat_ngram_size n: each (n-1)-gram of prompt and output → the tokens that
+    # followed it (the runner's, built at the first token and kept up to date).
+    ngrams: dict[tuple[int, ...], set[int]] | None = None
     # Tokens whose keys and values are in the slot, or are being computed by the step being
     # run: the scheduler counts a step's tokens when it schedules them (a prompt chunk, or
     # the one token a decode feeds). A prompt longer than a step's budget is prefilled in

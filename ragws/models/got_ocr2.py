@@ -23,7 +23,7 @@ from ragws.models.slot_runner import (
     ModelUnavailableError,
     SlotAttention,
     SlotRunner,
-    default_repetition_penalty,
+    generation_defaults,
 )
 from ragws.models.text_decoder import TextDecoder, freeze_tokenizer_settings
 
@@ -118,7 +118,9 @@ class GotOcr2:
         self.stop_ids = frozenset(vocab[t] for t in STOP_TOKENS if t in vocab)
         if not self.stop_ids:
             raise ValueError(f"{spec}: the tokenizer has none of the stop tokens {STOP_TOKENS}")
-        self.repetition_penalty = default_repetition_penalty(self.model.generation_config)
+        self.repetition_penalty, self.no_repeat_ngram_size = generation_defaults(
+            self.model.generation_config
+        )
 
         config = self.model.config
         self.image_token_id: int = config.image_token_id

@@ -31,7 +31,7 @@ from ragws.models.slot_runner import (
     ModelUnavailableError,
     SlotAttention,
     SlotRunner,
-    default_repetition_penalty,
+    generation_defaults,
 )
 from ragws.models.text_decoder import TextDecoder, freeze_tokenizer_settings
 
@@ -91,7 +91,9 @@ class MRopeVlm:
         self.image_token_id: int = config.image_token_id
         self.merge_size: int = config.vision_config.spatial_merge_size
         self.stop_ids = stop_ids(self.tokenizer, self.model.generation_config, self.STOP_TOKENS)
-        self.repetition_penalty = default_repetition_penalty(self.model.generation_config)
+        self.repetition_penalty, self.no_repeat_ngram_size = generation_defaults(
+            self.model.generation_config
+        )
         if not self.stop_ids:
             raise ValueError(
                 f"{spec}: the tokenizer has none of the stop tokens {self.STOP_TOKENS}"

@@ -131,6 +131,7 @@ class SlotModel(Protocol):
     name: str
     tasks: Tasks  # its modes, and the mode each kind of layout region is read with
     repetition_penalty: float  # what its generation config has ``generate`` apply (1: none)
+    no_repeat_ngram_size: int  # likewise (0: none)
     summary: str  # one line for the log: the model, its device and dtype, its image tokens
     tokenizer: Any
     stop_ids: frozenset[int]
@@ -265,6 +266,7 @@ class SlotRunner:
         self.tokenizer = family.tokenizer
         self.stop_ids = family.stop_ids
         self.repetition_penalty = family.repetition_penalty
+        self.no_repeat_ngram_size = family.no_repeat_ngram_size
         self.num_layers = family.num_layers
         self.num_kv_heads = family.num_kv_heads
         self.head_dim = family.head_dim
@@ -498,6 +500,12 @@ class SlotRunner:
         penalized = [i for i, seq in enumerate(seqs) if seq.repetition_penalty != 1.0]
         if penalized:
             logits = self._penalize(logits, seqs, penalized)
+        guarded = [i for i, seq in enumerate(seqs) if seq.no_repeat_ngram_size > 0]
+        for i in guarded:
+            banned = banned_tokens(seqs[i])
+            if banned:
+                logits = logits.float() if logits.dtype != torch.float32 else logits
+                logits[i, banned] = float("-inf")
         tokens = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(seqs):
             if seq.sampling is not None:
@@ -506,6 +514,8 @@ class SlotRunner:
             assert self._seen is not None
             slots = [seqs[i].slot for i in penalized]
             self._seen[slots, [tokens[i] for i in penalized]] = True
+        for i in guarded:
+            record_ngram(seqs[i], tokens[i])
         return tokens
 
     def _penalize(
@@ -535,11 +545,46 @@ class SlotRunner:
         return logits
 
 
-def default_repetition_penalty(generation_config: Any) -> float:
-    """The repetition penalty ``generate`` applies to a checkpoint by default: its generation
-    config's (Qwen2.5-VL's instruct checkpoints ship 1.05), 1 for none."""
-    value = getattr(generation_config, "repetition_penalty", None)
-    return float(value) if value else 1.0
+def generation_defaults(generation_config: Any) -> tuple[float, int]:
+    """What ``generate`` applies to a checkpoint's greedy decoding by default, from its
+    generation config: the repetition penalty (Qwen2.5-VL's instruct checkpoints ship 1.05;
+    1: none) and ``no_repeat_ngram_size`` (0: none)."""
+    penalty = getattr(generation_config, "repetition_penalty", None)
+    ngram = getattr(generation_config, "no_repeat_ngram_size", None)
+    return (float(penalty) if penalty else 1.0), (int(ngram) if ngram else 0)
+
+
+def banned_tokens(seq: Sequence) -> list[int]:
+    """HF's ``NoRepeatNGramLogitsProcessor`` for one sequence: the tokens that would complete
+    an n-gram its prompt and output already hold. Builds the sequence's n-gram index at its
+    first token."""
+    n = seq.no_repeat_ngram_size
+    if seq.ngrams is None:
+        ids = seq.prompt_ids + seq.output_ids
+        seq.ngrams = {}
+        for start in range(len(ids) - n + 1):
+            seq.ngrams.setdefault(tuple(ids[start : start + n - 1]), set()).add(ids[start + n - 1])
+    if seq.num_tokens + 1 < n:
+        return []
+    return sorted(seq.ngrams.get(_tail(seq, n - 1), ()))
+
+
+def record_ngram(seq: Sequence, token: int) -> None:
+    """Add the n-gram that ``token`` (not yet appended) completes to the sequence's index."""
+    n = seq.no_repeat_ngram_size
+    assert seq.ngrams is not None
+    if seq.num_tokens + 1 >= n:
+        seq.ngrams.setdefault(_tail(seq, n - 1), set()).add(token)
+
+
+def _tail(seq: Sequence, k: int) -> tuple[int, ...]:
+    """The sequence's last ``k`` tokens, prompt and output, without copying either whole."""
+    if k <= 0:
+        return ()
+    out = seq.output_ids[-k:]
+    if len(out) < k:
+        out = seq.prompt_ids[len(out) - k :] + out
+    return tuple(out)
 
 
 def sample(logits: torch.Tensor, seq: Sequence) -> int:

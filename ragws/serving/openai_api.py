@@ -20,7 +20,8 @@ What is OpenAI's here and what is ragws's:
 * ``temperature`` left out means greedy (the checkpoint's generation config does not sample),
   not OpenAI's 1.0;
 * ``repetition_penalty`` (vLLM's extension) left out is the checkpoint's generation config's,
-  as in ``generate`` and vLLM;
+  as in ``generate`` and vLLM; so is ``no_repeat_ngram_size`` (HF's; top-level, or in
+  ``vllm_xargs`` as MinerU's client sends it);
 * the deadline of the ``ocr`` frame's ``deadline_ms`` is the ``X-Deadline-Ms`` header.
 """
 
@@ -62,6 +63,7 @@ MAX_IMAGES = 1
 #: Temperatures below this are greedy (as in vLLM): dividing logits by less overflows.
 MIN_TEMPERATURE = 1e-5
 MAX_REPETITION_PENALTY = 2.0
+MAX_NGRAM = 1024
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 512
 #: Bodies larger than this are parsed (JSON, base64) off the event loop.
@@ -78,6 +80,8 @@ FIELDS = frozenset(
         "top_k",
         "seed",
         "repetition_penalty",
+        "no_repeat_ngram_size",
+        "vllm_xargs",
         "stop",
         "n",
         "stream",
@@ -154,6 +158,7 @@ def parse_chat(body: Mapping[str, Any], max_image_bytes: int) -> ChatRequest:
             system=system,
             sampling=_sampling(body),
             repetition_penalty=_repetition_penalty(body),
+            no_repeat_ngram_size=_no_repeat_ngram_size(body),
             stop=_stop(body.get("stop")),
             skip_special_tokens=_boolean(body, "skip_special_tokens", True),
             ignore_eos=_boolean(body, "ignore_eos", False),  # vLLM's, for benchmarks
@@ -282,6 +287,18 @@ def _repetition_penalty(body: Mapping[str, Any]) -> float | None:
     if penalty == 0.0:
         raise bad_request("'repetition_penalty' must be in (0, 2], got 0")
     return penalty
+
+
+def _no_repeat_ngram_size(body: Mapping[str, Any]) -> int | None:
+    """HF's ``no_repeat_ngram_size``, top-level or in vLLM's ``vllm_xargs`` (where MinerU's
+    client sends it); left out, the checkpoint's generation config's."""
+    xargs = body.get("vllm_xargs")
+    if xargs is not None and not isinstance(xargs, dict):
+        raise bad_request("'vllm_xargs' must be an object")
+    for source in (body, xargs or {}):
+        if source.get("no_repeat_ngram_size") is not None:
+            return _integer(source, "no_repeat_ngram_size", low=0, high=MAX_NGRAM)
+    return None
 
 
 def _stop(value: Any) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ class OcrOptions:
     system: str | None = None  # a system message; None: the model's own
     sampling: Sampling | None = None  # None: greedy
     repetition_penalty: float | None = None  # None: the checkpoint's generation config's
+    no_repeat_ngram_size: int | None = None  # None: the checkpoint's generation config's
     stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
     skip_special_tokens: bool = True
 

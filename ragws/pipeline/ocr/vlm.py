@@ -128,6 +128,7 @@ class OcrService:
             ignore_eos=options.ignore_eos,
             sampling=options.sampling,
             repetition_penalty=options.repetition_penalty,
+            no_repeat_ngram_size=options.no_repeat_ngram_size,
             stop=options.stop,
             skip_special_tokens=options.skip_special_tokens,
         )
