@@ -36,6 +36,7 @@ async def test_health_and_metrics(start_server):
         "model": "embedded",
         "architecture": "PP-OCR",
         "modes": ["format", "plain"],
+        "page_mode": None,
         "healthy": True,
     }
     assert health["device"] == "cpu" and health["inflight"] == 0

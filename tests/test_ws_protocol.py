@@ -28,6 +28,7 @@ async def test_hello_names_models_and_limits(start_server, connect):
         "modes": ["format", "plain"],
         "markup": False,
         "architecture": "PP-OCR",
+        "page_mode": None,
     }
     assert hello["limits"]["max_pages"] == 50
     for key in ("max_concurrent", "max_frame_bytes", "max_image_pixels", "max_pdf_bytes"):
