@@ -14,8 +14,9 @@ machine:
   ``ragws serve`` does, with C concurrent WebSocket clients, each streaming one request at a
   time, for C in ``--streams`` (default 1, 4, 16).
 
-The transformers runs go in a child process of their own, so that the server's process holds
-one OpenMP team, its engine's, as a deployment's does (``ragws.runtime.threads``).
+The checkpoint is built and the transformers runs go in a child process of their own, so that
+the server's process holds one OpenMP team, its engine's, as a deployment's does
+(``ragws.runtime.threads``).
 
 Every request uses ``ignore_eos`` and the same ``--max-tokens``, so every way generates the same
 number of tokens. Tokens/s counts generated tokens over wall time, prefill (vision encoder
@@ -27,6 +28,10 @@ Ratios (``vs HF seq``, ``vs HF batch``) compare runs made side by side and carry
 machines; absolute tokens/s are only this machine's. The static batch is the upper bound of
 what batching without scheduling gets: every sequence starts and ends together, which real
 traffic never does. The server's value is matching it while requests come and go.
+
+``--rounds N`` alternates the static batch and the most streams N times (HF first, then
+ragws, then ragws, then HF, ...) and reports the medians: on a shared machine the drift between
+minutes is as large as the differences measured.
 
 ``--arch`` picks the family: ``got_ocr2`` (default), ``qwen2_vl`` (MinerU2.5's architecture),
 ``qwen2_5_vl`` (olmOCR-2's) or ``paddleocr_vl``, each a random-weight checkpoint of the real
@@ -134,6 +139,8 @@ def hf_runs(
     sequential: int,
     device: str,
 ) -> dict[str, float]:
+    """HF ``generate`` over ``sequential`` requests one at a time (0: none), then over one
+    static batch of ``batch``: tokens/s of each."""
     import transformers
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -172,10 +179,12 @@ def hf_runs(
         return (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
 
     generate(images[:1])  # warm-up
-    t0 = time.perf_counter()
-    tokens = sum(generate([image]) for image in images[:sequential])
-    seq = tokens / (time.perf_counter() - t0)
-    log(f"HF sequential: {seq:.1f} tok/s over {sequential} requests")
+    seq = 0.0
+    if sequential:
+        t0 = time.perf_counter()
+        tokens = sum(generate([image]) for image in images[:sequential])
+        seq = tokens / (time.perf_counter() - t0)
+        log(f"HF sequential: {seq:.1f} tok/s over {sequential} requests")
     t0 = time.perf_counter()
     tokens = generate(images[:batch])
     static = tokens / (time.perf_counter() - t0)
@@ -294,28 +303,71 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="also TTFT at 16 simultaneous arrivals under each ocr_max_prefill_tokens",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate the static batch and the most streams this many times (medians)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or build_model(args.arch, Path(tmp) / args.size, args.size)
         images = load_images(max(args.batch, max(args.streams)))
         if args.arch != "got_ocr2":
             images = [im.resize((VLM_IMAGE_SIDE, VLM_IMAGE_SIDE)) for im in images]
-        # transformers in a process of its own, as a separate deployment would be: torch's
-        # OpenMP team of this process is then the server engine's alone.
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as hf_pool:
-            hf = hf_pool.submit(
-                hf_runs,
-                args.arch,
-                model_dir,
-                images,
-                args.max_tokens,
-                args.batch,
-                args.sequential,
-                args.device,
-            ).result()
-        served = asyncio.run(run_server(args, model_dir, images, args.streams))
+        # Building the checkpoint and the transformers runs go in a process of their own, as a
+        # separate deployment would: torch's OpenMP team in this process is then the server
+        # engine's alone (a thread that had run torch ops here would slow every decode step).
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            model_dir = (
+                args.model
+                or pool.submit(build_model, args.arch, Path(tmp) / args.size, args.size).result()
+            )
+
+            def hf_side(sequential: int) -> dict[str, float]:
+                return pool.submit(
+                    hf_runs,
+                    args.arch,
+                    model_dir,
+                    images,
+                    args.max_tokens,
+                    args.batch,
+                    sequential,
+                    args.device,
+                ).result()
+
+            most = max(args.streams)
+            fewer = [n for n in args.streams if n != most]
+            served = asyncio.run(run_server(args, model_dir, images, fewer)) if fewer else []
+            # The static batch and the most streams alternate (HF first in even rounds), so
+            # that the machine's drift falls on both alike; the medians are reported.
+            statics, sequentials, busiest = [], [], []
+            for round_ in range(args.rounds):
+                for side in ("hf", "ragws") if round_ % 2 == 0 else ("ragws", "hf"):
+                    if side == "hf":
+                        result = hf_side(args.sequential if round_ == 0 else 0)
+                        statics.append(result["hf_static_batch"])
+                        if round_ == 0:
+                            sequentials.append(result["hf_sequential"])
+                    else:
+                        busiest += asyncio.run(run_server(args, model_dir, images, [most]))
+        hf = {
+            "hf_sequential": statistics.median(sequentials),
+            "hf_static_batch": statistics.median(statics),
+        }
+        served.append(
+            {
+                "streams": most,
+                "requests": busiest[0]["requests"],
+                **{
+                    key: statistics.median(r[key] for r in busiest)
+                    for key in ("tokens_per_s", "ttft_p50_ms", "ttft_p95_ms")
+                },
+                "rounds": [r["tokens_per_s"] for r in busiest],
+                "static_rounds": statics,
+            }
+        )
         prefill = []
         for budget in args.prefill_budgets:
             (result,) = asyncio.run(run_server(args, model_dir, images, [16], budget))

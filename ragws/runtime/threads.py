@@ -11,6 +11,10 @@ So the threads around the engine run their torch ops on themselves alone: the pr
 pool, which already prepares several requests side by side, and model loading, which runs once.
 The engine's thread keeps every core. OpenMP's thread count is a per-thread setting, so this
 touches no other thread; BLAS pools, which are process-wide, are left alone.
+
+A program that embeds the server (``create_app``) and runs torch on threads of its own should
+do the same for them (``threadpoolctl.threadpool_limits(1, user_api="openmp")``), or run that
+work in another process.
 """
 
 from __future__ import annotations
