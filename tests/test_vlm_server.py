@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -30,8 +31,6 @@ def reference(qwen2_vl_tiny_dir):
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(qwen2_vl_tiny_dir).eval()
     processor = AutoProcessor.from_pretrained(qwen2_vl_tiny_dir)
-    tok = processor.tokenizer
-    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
     def run(rgb: np.ndarray, instruction: str, max_tokens: int = MAX_TOKENS) -> str:
         content = [
@@ -42,22 +41,28 @@ def reference(qwen2_vl_tiny_dir):
             {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": content},
         ]
-        inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-            return_tensors="pt",
-        )  # fmt: skip
-        with torch.inference_mode():
-            out = model.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=max_tokens,
-                eos_token_id=stop,
-                pad_token_id=tok.pad_token_id,
-            )
-        ids = out[0, inputs["input_ids"].shape[1] :].tolist()
-        return tok.decode(ids, skip_special_tokens=True)
+        return solo_generate(model, processor, messages, max_tokens)
 
     return run
+
+
+def solo_generate(model: Any, processor: Any, messages: list[dict], max_tokens: int) -> str:
+    """The text of ``generate(do_sample=False)`` on one chat alone, through the checkpoint's
+    chat template, stopping where the engine stops."""
+    tok = processor.tokenizer
+    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "</s>")]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            eos_token_id=[i for i in stop if i is not None and i != tok.unk_token_id],
+            pad_token_id=tok.pad_token_id,
+        )
+    return tok.decode(out[0, inputs["input_ids"].shape[1] :].tolist(), skip_special_tokens=True)
 
 
 async def vlm_server(start_server, model_dir, **overrides):
@@ -171,8 +176,6 @@ def solo_default_task(model_dir: Path) -> Callable[[np.ndarray, int], str]:
     architecture = json.loads((model_dir / "config.json").read_text())["architectures"][0]
     model = getattr(transformers, architecture).from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    tok = processor.tokenizer
-    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "</s>")]
 
     def run(rgb: np.ndarray, max_tokens: int) -> str:
         image = {"type": "image", "image": Image.fromarray(rgb)}
@@ -188,19 +191,7 @@ def solo_default_task(model_dir: Path) -> Callable[[np.ndarray, int], str]:
         else:
             instruction = paddleocr_vl.MODES[paddleocr_vl.DEFAULT_MODE]
             messages = [{"role": "user", "content": [image, {"type": "text", "text": instruction}]}]
-        inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-            return_tensors="pt",
-        )  # fmt: skip
-        with torch.inference_mode():
-            out = model.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=max_tokens,
-                eos_token_id=[i for i in stop if i is not None and i != tok.unk_token_id],
-                pad_token_id=tok.pad_token_id,
-            )
-        return tok.decode(out[0, inputs["input_ids"].shape[1] :].tolist(), skip_special_tokens=True)
+        return solo_generate(model, processor, messages, max_tokens)
 
     return run
 

@@ -287,22 +287,8 @@ class ParseService:
                 texts=texts,
             )
         )
-        if options.figures:
-            await self._attach_figures(rgb, blocks)
         set_markdown(blocks)
-        sources = {b.source for b in blocks if b.source != "none"}
-        source = sources.pop() if len(sources) == 1 else ("mixed" if sources else "none")
-        self.metrics.parse_pages_total.labels(source).inc()
-        return ParsedPage(
-            page=page,
-            width=width,
-            height=height,
-            blocks=blocks,
-            markdown=page_markdown(blocks, include_furniture=options.furniture),
-            source=source,
-            layout_ms=layout_ms,
-            total_ms=(time.monotonic() - started) * 1000,
-        )
+        return await self._finish(rgb, blocks, page, options, started, layout_ms)
 
     async def _read_whole_page(
         self, rgb: np.ndarray, page: int, options: ParseOptions, started: float
@@ -313,17 +299,34 @@ class ParseService:
         height, width = rgb.shape[:2]
         whole = (0.0, 0.0, float(width), float(height))
         (markdown,) = await self.ocr.read_regions(rgb, [whole], [self.ocr.page_mode])
+        # Each block's markdown is the model's own (page_blocks sets it).
         blocks = page_blocks(markdown, page, width, height)
+        return await self._finish(rgb, blocks, page, options, started)
+
+    async def _finish(
+        self,
+        rgb: np.ndarray,
+        blocks: list[Block],
+        page: int,
+        options: ParseOptions,
+        started: float,
+        layout_ms: float = 0.0,
+    ) -> ParsedPage:
+        """The page's figures (when asked for), its source, the metric, its markdown."""
         if options.figures:
             await self._attach_figures(rgb, blocks)
-        self.metrics.parse_pages_total.labels("ocr" if blocks else "none").inc()
+        sources = {b.source for b in blocks if b.source != "none"}
+        source = sources.pop() if len(sources) == 1 else ("mixed" if sources else "none")
+        self.metrics.parse_pages_total.labels(source).inc()
+        height, width = rgb.shape[:2]
         return ParsedPage(
             page=page,
             width=width,
             height=height,
             blocks=blocks,
             markdown=page_markdown(blocks, include_furniture=options.furniture),
-            source="ocr" if blocks else "none",
+            source=source,
+            layout_ms=layout_ms,
             total_ms=(time.monotonic() - started) * 1000,
         )
 
