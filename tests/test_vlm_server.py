@@ -259,7 +259,7 @@ async def test_a_page_level_model_reads_a_scan_whole(
     client, hello = await connect(server)
     assert hello["ocr"]["page_mode"] == "page"
     scan = np.asarray(synthetic_images(1, seed=21)[0])
-    await client.send({"type": "parse", "id": "s", "image": png(scan)})
+    await client.send({"type": "parse", "id": "s", "image": png(scan), "figures": True})
     frames = (await client.finish("s"))["s"]
     assert frames[-1]["type"] == "done", frames[-1]
     (image, mode, box), *others = calls
@@ -273,6 +273,7 @@ async def test_a_page_level_model_reads_a_scan_whole(
     assert page["markdown"] == page_markdown(expected)
     assert [b["type"] for b in page["blocks"]] == [b.type for b in expected]
     assert all(b["source"] == "ocr" for b in page["blocks"])
+    assert not any(b.get("image") for b in page["blocks"])  # no crop without geometry
 
     calls.clear()
     await client.send({"type": "parse", "id": "d", "pdf": paper_pdf, "pages": [0]})

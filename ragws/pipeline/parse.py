@@ -39,7 +39,7 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -299,9 +299,10 @@ class ParseService:
         height, width = rgb.shape[:2]
         whole = (0.0, 0.0, float(width), float(height))
         (markdown,) = await self.ocr.read_regions(rgb, [whole], [self.ocr.page_mode])
-        # Each block's markdown is the model's own (page_blocks sets it).
+        # Each block's markdown is the model's own (page_blocks sets it). Its figures have no
+        # place on the page to crop, so none gets an image, whatever ``figures`` asks.
         blocks = page_blocks(markdown, page, width, height)
-        return await self._finish(rgb, blocks, page, options, started)
+        return await self._finish(rgb, blocks, page, replace(options, figures=False), started)
 
     async def _finish(
         self,
