@@ -14,7 +14,7 @@ from ragws.config import OCR_HUB_MODELS
 from ragws.models.base import Detections, LayoutInput, LayoutModel
 
 if TYPE_CHECKING:
-    from ragws.models.slot_runner import SlotRunner
+    from ragws.models.slot_runner import CheckpointRunner, SlotRunner
 
 __all__ = [
     "OCR_ARCHITECTURES",
@@ -158,35 +158,28 @@ def load_ocr_runner(
         )
     device = resolve_device(device, torch_backend=True)
     kv_budget_bytes = int(kv_cache_mb * 2**20) if kv_cache_mb > 0 else None
-    if family == "paddleocr_vl":
-        from ragws.models.paddleocr_vl import PaddleOcrVlRunner
-
-        return PaddleOcrVlRunner(
-            spec,
-            device=device,
-            num_slots=num_slots,
-            max_model_len=max_model_len,
-            kv_budget_bytes=kv_budget_bytes,
-            vision_batch=vision_batch or None,
-        )
-    if family == "qwen2_vl":
-        from ragws.models.qwen2_vl import QwenVlRunner
-
-        return QwenVlRunner(
-            spec,
-            device=device,
-            num_slots=num_slots,
-            max_model_len=max_model_len,
-            kv_budget_bytes=kv_budget_bytes,
-            vision_batch=vision_batch or None,
-        )
-    from ragws.models.got_ocr2 import GotOcr2Runner
-
-    return GotOcr2Runner(
+    runner_class = _runner_class(family)
+    return runner_class(
         spec,
         device=device,
         num_slots=num_slots,
         max_model_len=max_model_len,
-        vision_batch=vision_batch or None,
         kv_budget_bytes=kv_budget_bytes,
+        vision_batch=vision_batch or None,
     )
+
+
+def _runner_class(family: str) -> type[CheckpointRunner]:
+    """The runner of a family of :data:`OCR_ARCHITECTURES` (imported here: torch and
+    transformers only load when a causal OCR model does)."""
+    if family == "paddleocr_vl":
+        from ragws.models.paddleocr_vl import PaddleOcrVlRunner
+
+        return PaddleOcrVlRunner
+    if family == "qwen2_vl":
+        from ragws.models.qwen2_vl import QwenVlRunner
+
+        return QwenVlRunner
+    from ragws.models.got_ocr2 import GotOcr2Runner
+
+    return GotOcr2Runner

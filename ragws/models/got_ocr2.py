@@ -20,9 +20,9 @@ import torch
 
 from ragws.engine.runner import Tasks
 from ragws.models.slot_runner import (
+    CheckpointRunner,
     ModelUnavailableError,
     SlotAttention,
-    SlotRunner,
     generation_defaults,
 )
 from ragws.models.text_decoder import TextDecoder, freeze_tokenizer_settings
@@ -238,35 +238,11 @@ class GotOcr2:
         )
 
 
-class GotOcr2Runner(SlotRunner):
+class GotOcr2Runner(CheckpointRunner):
     """The slot runner over :class:`GotOcr2`: what ``--ocr-model got-ocr2`` loads."""
 
+    FAMILY = GotOcr2
     family: GotOcr2
-
-    def __init__(
-        self,
-        spec: str,
-        device: str = "cpu",
-        *,
-        num_slots: int = 16,
-        max_model_len: int = 4096,
-        kv_budget_bytes: int | None = None,
-        vision_batch: int | None = None,
-    ) -> None:
-        """Load ``spec`` onto ``device`` (see :class:`GotOcr2`) with a KV cache of
-        ``num_slots`` slots of ``max_model_len`` tokens, fewer if ``kv_budget_bytes`` holds
-        fewer (see :class:`~ragws.models.slot_runner.SlotRunner`)."""
-        super().__init__(
-            GotOcr2(spec, device, vision_batch=vision_batch),
-            num_slots=num_slots,
-            max_model_len=max_model_len,
-            kv_budget_bytes=kv_budget_bytes,
-        )
-
-    @property
-    def model(self) -> Any:
-        """The loaded transformers model."""
-        return self.family.model
 
     @property
     def image_tokens(self) -> int:

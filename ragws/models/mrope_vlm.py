@@ -28,9 +28,9 @@ import torch
 
 from ragws.engine.runner import Tasks
 from ragws.models.slot_runner import (
+    CheckpointRunner,
     ModelUnavailableError,
     SlotAttention,
-    SlotRunner,
     generation_defaults,
 )
 from ragws.models.text_decoder import TextDecoder, freeze_tokenizer_settings
@@ -188,38 +188,12 @@ class MRopeVlm:
         return self.decoder.logits(hidden)
 
 
-class MRopeVlmRunner(SlotRunner):
+class MRopeVlmRunner(CheckpointRunner):
     """The slot runner over an M-RoPE family: what ``--ocr-model DIR`` loads for its
     checkpoints. A family's runner names its model class in :attr:`FAMILY`."""
 
     FAMILY: ClassVar[type[MRopeVlm]]
     family: MRopeVlm
-
-    def __init__(
-        self,
-        spec: str,
-        device: str = "cpu",
-        *,
-        num_slots: int = 16,
-        max_model_len: int = 4096,
-        kv_budget_bytes: int | None = None,
-        vision_batch: int | None = None,
-    ) -> None:
-        """Load ``spec`` onto ``device`` with a KV cache of ``num_slots`` slots of
-        ``max_model_len`` tokens, fewer if ``kv_budget_bytes`` holds fewer (see
-        :class:`~ragws.models.slot_runner.SlotRunner`); ``vision_batch`` caps the images per
-        vision-tower call."""
-        super().__init__(
-            self.FAMILY(spec, device, vision_batch),
-            num_slots=num_slots,
-            max_model_len=max_model_len,
-            kv_budget_bytes=kv_budget_bytes,
-        )
-
-    @property
-    def model(self) -> Any:
-        """The loaded transformers model."""
-        return self.family.model
 
     @property
     def processor(self) -> Any:

@@ -71,8 +71,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -543,6 +544,40 @@ class SlotRunner:
         penalized = torch.where(picked < 0, picked * penalty, picked / penalty)
         logits[rows] = torch.where(seen, penalized, picked)
         return logits
+
+
+class CheckpointRunner(SlotRunner):
+    """A slot runner that loads its family from a checkpoint: what ``load_ocr_runner`` builds.
+    A family's runner names the family's class in :attr:`FAMILY`."""
+
+    #: Called as ``FAMILY(spec, device, vision_batch=...)``.
+    FAMILY: ClassVar[Callable[..., Any]]
+
+    def __init__(
+        self,
+        spec: str,
+        device: str = "cpu",
+        *,
+        num_slots: int = 16,
+        max_model_len: int = 4096,
+        kv_budget_bytes: int | None = None,
+        vision_batch: int | None = None,
+    ) -> None:
+        """Load ``spec`` onto ``device`` with a KV cache of ``num_slots`` slots of
+        ``max_model_len`` tokens, fewer if ``kv_budget_bytes`` holds fewer (see
+        :class:`SlotRunner`); ``vision_batch`` caps the images (GOT-OCR2: tiles) per
+        vision-tower call."""
+        super().__init__(
+            self.FAMILY(spec, device, vision_batch=vision_batch),
+            num_slots=num_slots,
+            max_model_len=max_model_len,
+            kv_budget_bytes=kv_budget_bytes,
+        )
+
+    @property
+    def model(self) -> Any:
+        """The loaded transformers model."""
+        return self.family.model  # type: ignore[attr-defined]  # every family keeps its model
 
 
 def generation_defaults(generation_config: Any) -> tuple[float, int]:
