@@ -25,17 +25,16 @@ if not hasattr(transformers, "GotOcr2ForConditionalGeneration") or not hasattr(
 ):
     pytest.skip("this transformers has no GOT-OCR2 or Qwen2-VL", allow_module_level=True)
 
-from PIL import Image  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 from ragws.engine.sequence import FinishReason, SeqStatus  # noqa: E402
 from ragws.models import load_ocr_runner  # noqa: E402
-from ragws.models.qwen2_vl import MODES, SYSTEM_PROMPT  # noqa: E402
 from ragws.models.slot_runner import SlotRunner  # noqa: E402
 from ragws.testing.got_tiny import synthetic_images  # noqa: E402
 
 from .engine_loop import Request, Run  # noqa: E402
 from .engine_loop import drive as _drive  # noqa: E402
+from .reference import generate_alone, generate_inputs, vlm_chat  # noqa: E402
 
 NUM_SLOTS = 4
 
@@ -71,7 +70,8 @@ def _got(model_dir: Path) -> Family:
             crop_to_patches=req.crop,
             return_tensors="pt",
         )
-        return _generate(model.eval(), inputs, req, runner, processor.tokenizer)
+        stops = sorted(runner.stop_ids)
+        return generate_inputs(model.eval(), processor, inputs, req.max_tokens, stops)[1]
 
     plain = _images(8, seed=0)
     # 3:1 pages: crop mode cuts each into 3 tiles and a thumbnail, ~1070 prompt tokens.
@@ -93,25 +93,9 @@ def _qwen(model_dir: Path) -> Family:
     processor = AutoProcessor.from_pretrained(model_dir)
 
     def generate(req: Request) -> list[int]:
-        task = MODES[req.mode]
-        content = [
-            {"type": "image", "image": Image.fromarray(req.image)},
-            {"type": "text", "text": task.instruction},
-        ]
-        if task.text_first:
-            content.reverse()
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": content},
-        ]
-        inputs = processor.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-        )
-        return _generate(model.eval(), inputs, req, runner, processor.tokenizer)
+        messages = vlm_chat(config["architectures"][0], req.image, req.mode)
+        stops = sorted(runner.stop_ids)
+        return generate_alone(model.eval(), processor, messages, req.max_tokens, stops)[1]
 
     images = _images(8, seed=0)
     # MinerU's block prompt (~60 tokens) is short; olmOCR's page prompt (~200 tokens, its
@@ -123,20 +107,6 @@ def _qwen(model_dir: Path) -> Family:
         short=lambda i, n: Request(images[i], "text", n),
         long=lambda i, n: Request(images[i], "page", n),
     )
-
-
-def _generate(
-    model: Any, inputs: Any, req: Request, runner: SlotRunner, tokenizer: Any
-) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=req.max_tokens,
-            eos_token_id=sorted(runner.stop_ids),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 @pytest.fixture(scope="module", params=["got", "qwen2_vl"])

@@ -22,15 +22,15 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "PaddleOCRVLForConditionalGeneration"):
     pytest.skip("this transformers has no PaddleOCR-VL", allow_module_level=True)
 
-from PIL import Image  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 from ragws.engine.sequence import FinishReason, Sampling, SeqStatus  # noqa: E402
 from ragws.models import load_ocr_runner  # noqa: E402
-from ragws.models.paddleocr_vl import DEFAULT_MODE, MODES, PaddleOcrVlRunner  # noqa: E402
+from ragws.models.paddleocr_vl import ARCHITECTURE, PaddleOcrVlRunner  # noqa: E402
 from ragws.testing.got_tiny import synthetic_images  # noqa: E402
 
 from .engine_loop import Request, drive  # noqa: E402
+from .reference import generate_alone, vlm_chat  # noqa: E402
 
 MAX_MODEL_LEN = 256  # prompts are under 60 tokens, up to 36 of them image tokens
 
@@ -59,33 +59,8 @@ def case(paddleocr_vl_tiny_dir: Path) -> Case:
     stops = sorted(runner.stop_ids)
 
     def generate(req: Request) -> tuple[list[int], list[int]]:
-        mode = DEFAULT_MODE if req.mode in ("format", "plain") else req.mode
-        messages = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image", "image": Image.fromarray(req.image)},
-                    {"type": "text", "text": MODES[mode] if req.prompt is None else req.prompt},
-                ],
-            }
-        ]
-        inputs = processor.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-        )
-        with torch.inference_mode():
-            out = model.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=req.max_tokens,
-                eos_token_id=stops,
-                pad_token_id=processor.tokenizer.pad_token_id,
-            )
-        prompt = inputs["input_ids"][0].tolist()
-        return prompt, out[0, len(prompt) :].tolist()
+        messages = vlm_chat(ARCHITECTURE, req.image, req.mode, req.prompt)
+        return generate_alone(model, processor, messages, req.max_tokens, stops)
 
     return Case(runner, generate)
 

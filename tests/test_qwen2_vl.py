@@ -24,20 +24,18 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
     pytest.skip("this transformers has no Qwen2.5-VL", allow_module_level=True)
 
-from PIL import Image  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 from ragws.engine.sequence import FinishReason, Sampling, SeqStatus  # noqa: E402
 from ragws.models import load_ocr_runner  # noqa: E402
 from ragws.models.qwen2_vl import (  # noqa: E402
     DEFAULT_MODES,
-    MODES,
-    SYSTEM_PROMPT,
     QwenVlRunner,
 )
 from ragws.testing.got_tiny import synthetic_images  # noqa: E402
 
 from .engine_loop import Request, drive  # noqa: E402
+from .reference import generate_alone, vlm_chat  # noqa: E402
 
 MAX_MODEL_LEN = 512  # the page prompt is ~200 tokens with up to 36 image tokens
 ARCHS = ("qwen2_vl", "qwen2_5_vl")
@@ -71,36 +69,8 @@ def case(request: pytest.FixtureRequest) -> Case:
     stops = sorted(runner.stop_ids)
 
     def generate(req: Request, **options: Any) -> tuple[list[int], list[int]]:
-        mode = DEFAULT_MODES[config["architectures"][0]] if req.mode == "format" else req.mode
-        task = MODES[mode]
-        content = [
-            {"type": "image", "image": Image.fromarray(req.image)},
-            {"type": "text", "text": task.instruction if req.prompt is None else req.prompt},
-        ]
-        if task.text_first:
-            content.reverse()
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": content},
-        ]
-        inputs = processor.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-        )
-        with torch.inference_mode():
-            out = model.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=req.max_tokens,
-                eos_token_id=stops,
-                pad_token_id=processor.tokenizer.pad_token_id,
-                **options,
-            )
-        prompt = inputs["input_ids"][0].tolist()
-        return prompt, out[0, len(prompt) :].tolist()
+        messages = vlm_chat(config["architectures"][0], req.image, req.mode, req.prompt)
+        return generate_alone(model, processor, messages, req.max_tokens, stops, **options)
 
     return Case(arch, model_dir, runner, generate)
 

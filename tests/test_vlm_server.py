@@ -8,18 +8,17 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from ragws.models.qwen2_vl import MODES, SYSTEM_PROMPT
+from ragws.models.qwen2_vl import MODES
 
 from .conftest import render_rgb
 from .documents import TABLES_PAGE
+from .reference import generate_alone, vlm_chat
 
 MAX_TOKENS = 24
 
@@ -27,42 +26,28 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def reference(qwen2_vl_tiny_dir):
     """``generate(do_sample=False)`` alone on one image with one instruction."""
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    return solo_text(qwen2_vl_tiny_dir, mode="text")
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(qwen2_vl_tiny_dir).eval()
-    processor = AutoProcessor.from_pretrained(qwen2_vl_tiny_dir)
 
-    def run(rgb: np.ndarray, instruction: str, max_tokens: int = MAX_TOKENS) -> str:
-        content = [
-            {"type": "image", "image": Image.fromarray(rgb)},
-            {"type": "text", "text": instruction},
-        ]
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": content},
-        ]
-        return solo_generate(model, processor, messages, max_tokens)
+def solo_text(model_dir: Path, mode: str = "format") -> Callable[..., str]:
+    """The text of ``generate(do_sample=False)`` alone on one image, with the checkpoint's
+    ``mode`` task (default: its default task) or an instruction of the call's own:
+    ``run(rgb, instruction=None, max_tokens=MAX_TOKENS)``."""
+    import json
+
+    import transformers
+    from transformers import AutoProcessor
+
+    architecture = json.loads((model_dir / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, architecture).from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+
+    def run(rgb: np.ndarray, instruction: str | None = None, max_tokens: int = MAX_TOKENS) -> str:
+        messages = vlm_chat(architecture, rgb, mode, instruction)
+        _, ids = generate_alone(model, processor, messages, max_tokens)
+        return processor.tokenizer.decode(ids, skip_special_tokens=True)
 
     return run
-
-
-def solo_generate(model: Any, processor: Any, messages: list[dict], max_tokens: int) -> str:
-    """The text of ``generate(do_sample=False)`` on one chat alone, through the checkpoint's
-    chat template, stopping where the engine stops."""
-    tok = processor.tokenizer
-    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "</s>")]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=max_tokens,
-            eos_token_id=[i for i in stop if i is not None and i != tok.unk_token_id],
-            pad_token_id=tok.pad_token_id,
-        )
-    return tok.decode(out[0, inputs["input_ids"].shape[1] :].tolist(), skip_special_tokens=True)
 
 
 async def vlm_server(start_server, model_dir, **overrides):
@@ -163,39 +148,6 @@ async def test_parse_reads_each_region_with_its_types_task(
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "paddleocr_vl")
 
 
-def solo_default_task(model_dir: Path) -> Callable[[np.ndarray, int], str]:
-    """``generate(do_sample=False)`` alone on one image with the checkpoint's default task,
-    as its card writes the chat (PaddleOCR-VL: no system turn, the image first)."""
-    import json
-
-    import transformers
-    from transformers import AutoProcessor
-
-    from ragws.models import paddleocr_vl, qwen2_vl
-
-    architecture = json.loads((model_dir / "config.json").read_text())["architectures"][0]
-    model = getattr(transformers, architecture).from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-
-    def run(rgb: np.ndarray, max_tokens: int) -> str:
-        image = {"type": "image", "image": Image.fromarray(rgb)}
-        if architecture in qwen2_vl.DEFAULT_MODES:
-            task = qwen2_vl.MODES[qwen2_vl.DEFAULT_MODES[architecture]]
-            content = [image, {"type": "text", "text": task.instruction}]
-            if task.text_first:
-                content.reverse()
-            messages = [
-                {"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": content},
-            ]
-        else:
-            instruction = paddleocr_vl.MODES[paddleocr_vl.DEFAULT_MODE]
-            messages = [{"role": "user", "content": [image, {"type": "text", "text": instruction}]}]
-        return solo_generate(model, processor, messages, max_tokens)
-
-    return run
-
-
 @pytest.mark.parametrize("arch", FAMILIES)
 async def test_cancel_and_socket_close_free_each_familys_slots(
     arch, request, start_server, connect
@@ -232,7 +184,7 @@ async def test_cancel_and_socket_close_free_each_familys_slots(
     cancelled = {"type": "ocr", "outcome": "cancelled"}
     assert await server.metric("ragws_requests_total", cancelled) == 2
     assert done["type"] == "done", done
-    assert done["text"] == solo_default_task(model_dir)(images[2], 20), done
+    assert done["text"] == solo_text(model_dir)(images[2], max_tokens=20), done
 
 
 async def test_a_page_level_model_reads_a_scan_whole(
@@ -266,7 +218,7 @@ async def test_a_page_level_model_reads_a_scan_whole(
     assert not others and mode == "page"
     height, width = image.shape[:2]
     assert box == (0.0, 0.0, float(width), float(height))
-    answer = solo_default_task(qwen2_5_vl_tiny_dir)(image, MAX_TOKENS)
+    answer = solo_text(qwen2_5_vl_tiny_dir)(image)
     expected = page_blocks(answer, 0, width, height)
     assert expected, f"the model said nothing on this page: {answer!r}"
     page = frames[0]
