@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ragws.client import AsyncClient
 from ragws.models.qwen2_vl import MODES
 
 from .conftest import render_rgb
@@ -98,6 +99,11 @@ async def test_an_ocr_request_takes_a_task_or_a_prompt_of_its_own(
         assert done["type"] == "done", done
         instruction = fields.get("prompt") or MODES[fields.get("mode", "text")].instruction
         assert done["text"] == reference(table, instruction), request_id
+    # The Python client sends a task and a prompt of its own as the frame does.
+    async with AsyncClient.connect(server.ws_url) as python_client:
+        assert python_client.hello.ocr_architecture == "Qwen2VLForConditionalGeneration"
+        text = await python_client.ocr_text(png(table), mode="table", prompt="Read it aloud:")
+        assert text == reference(table, "Read it aloud:")
     await client.send({"type": "ocr", "id": "x", "image": png(table), "mode": "chart"})
     error = await client.until("x", "error")
     assert error["code"] == "bad_request" and "formula" in error["message"], error

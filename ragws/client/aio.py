@@ -197,8 +197,11 @@ class AsyncClient:
         box: Sequence[float] | None = None,
         crop: bool = False,
         ignore_eos: bool = False,
+        prompt: str | None = None,
     ) -> OcrStream:
-        """The text of an image, streamed as it is read; ``box`` crops the image first."""
+        """The text of an image, streamed as it is read; ``box`` crops the image first.
+        ``mode`` is one of the model's tasks (``hello.ocr_modes``); ``prompt`` replaces the
+        task's instruction, for a VLM."""
         return OcrStream(
             self,
             {
@@ -209,6 +212,7 @@ class AsyncClient:
                 "box": None if box is None else [float(v) for v in box],
                 "crop": crop,
                 "ignore_eos": ignore_eos,
+                "prompt": prompt,
             },
         )
 
@@ -220,9 +224,12 @@ class AsyncClient:
         max_tokens: int | None = None,
         box: Sequence[float] | None = None,
         crop: bool = False,
+        prompt: str | None = None,
     ) -> str:
         """The whole text of an image (the stream of :meth:`ocr`, drained)."""
-        stream = self.ocr(image, mode=mode, max_tokens=max_tokens, box=box, crop=crop)
+        stream = self.ocr(
+            image, mode=mode, max_tokens=max_tokens, box=box, crop=crop, prompt=prompt
+        )
         return (await drain(stream)).text
 
     def parse(

@@ -123,9 +123,16 @@ class Client:
         box: Sequence[float] | None = None,
         crop: bool = False,
         ignore_eos: bool = False,
+        prompt: str | None = None,
     ) -> SyncStream[Token, OcrResult]:
         stream = self._async.ocr(
-            image, mode=mode, max_tokens=max_tokens, box=box, crop=crop, ignore_eos=ignore_eos
+            image,
+            mode=mode,
+            max_tokens=max_tokens,
+            box=box,
+            crop=crop,
+            ignore_eos=ignore_eos,
+            prompt=prompt,
         )
         return SyncStream(self, stream)
 
@@ -137,9 +144,12 @@ class Client:
         max_tokens: int | None = None,
         box: Sequence[float] | None = None,
         crop: bool = False,
+        prompt: str | None = None,
     ) -> str:
         return self._run(
-            self._async.ocr_text(image, mode=mode, max_tokens=max_tokens, box=box, crop=crop)
+            self._async.ocr_text(
+                image, mode=mode, max_tokens=max_tokens, box=box, crop=crop, prompt=prompt
+            )
         )
 
     def parse(
